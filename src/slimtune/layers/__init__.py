@@ -1,0 +1,6 @@
+"""Adapter layers: torch modules only, no file or CLI knowledge."""
+
+from slimtune.layers.base import Adapter, AdaptedLayer, TrainedCopy
+from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
+
+__all__ = ["Adapter", "AdaptedLayer", "TrainedCopy", "LoraConv", "LoraEmbedding", "LoraLinear"]

@@ -1,0 +1,185 @@
+"""LoRA adapters for Linear-like, Embedding and Conv layers. Torch modules only: no I/O.
+
+Each adapter is one object owning its A and B. It never touches the base weight; merging is done
+by ``AdaptedLayer`` through ``delta_weight`` (pure maths in ``slimtune.merging``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimtune import merging as merge_math
+
+
+def init_lora_A(A: Tensor, init: str, r: int) -> None:
+    """kaiming: uniform as nn.Linear's default (PEFT's default); gaussian: N(0, 1/r) (LoRA paper)."""
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+    else:
+        raise ValueError(f"init={init!r}: must be one of kaiming, gaussian")
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """base_out + s * (dropout(x) @ A^T) @ B^T, fused, saving only x and the (tokens, r) product.
+
+    Hugging Face PEFT applies ``nn.Dropout`` to x before A, so autograd keeps a dropped copy of x
+    (tokens x d_in) per adapted layer. Here the mask is regenerated in backward from a seed, so
+    with dropout the saved-for-backward memory is the same as without it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
+                seed: int) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        xd = _dropout(x2, p, seed)
+        xa = (xd @ A.T) * scale  # (T, r)
+        out2 = base_out.reshape(-1, base_out.shape[-1])  # (T, d_out)
+        out = torch.addmm(out2, xa.to(out2.dtype), B.T.to(out2.dtype))  # (T, d_out)
+        ctx.save_for_backward(x, A, B, xa)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, A, B, xa = ctx.saved_tensors
+        need_x, need_out, need_A, need_B = ctx.needs_input_grad[:4]
+        g2 = g.reshape(-1, g.shape[-1]).to(B.dtype)  # (T, d_out)
+        grad_B = g2.T @ xa if need_B else None  # (d_out, r)
+        grad_x = grad_A = None
+        if need_x or need_A:
+            gxa = (g2 @ B) * ctx.scale  # (T, r)
+            x2 = x.reshape(-1, x.shape[-1])
+            if need_A:
+                grad_A = gxa.T @ _dropout(x2, ctx.p, ctx.seed)  # (r, d_in)
+            if need_x:
+                gx = gxa @ A  # (T, d_in)
+                if ctx.p > 0:
+                    gx = gx * _keep_mask(x2, ctx.p, ctx.seed) / (1.0 - ctx.p)
+                grad_x = gx.view(x.shape).to(x.dtype)
+        return grad_x, (g if need_out else None), grad_A, grad_B, None, None, None
+
+
+def _keep_mask(x2: Tensor, p: float, seed: int) -> Tensor:
+    gen = torch.Generator(device=x2.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(x2).bernoulli_(1.0 - p, generator=gen)
+
+
+def _dropout(x2: Tensor, p: float, seed: int) -> Tensor:
+    return x2 if p == 0 else x2 * _keep_mask(x2, p, seed) / (1.0 - p)
+
+
+class _LoraBase(nn.Module):
+    """Shared hyperparameters and the adapter protocol's bookkeeping."""
+
+    mergeable = True
+
+    def __init__(self, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        super().__init__()
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.scale = merge_math.lora_scale(alpha, r, use_rslora)
+
+    def adapter_params(self) -> Iterator[nn.Parameter]:
+        return iter((self.lora_A, self.lora_B))
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for key, param in zip(self.file_tensors(), self.adapter_params()):
+            t = tensors[key]
+            if t.shape != param.shape:
+                raise ValueError(f"{key}: file has shape {tuple(t.shape)}, this layer needs "
+                                 f"{tuple(param.shape)} (different rank or base model?)")
+            with torch.no_grad():
+                param.copy_(t)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"
+
+
+class LoraLinear(_LoraBase):
+    """LoRA for any Linear-like layer (nn.Linear, GPT-2 Conv1D, 4-bit linear).
+
+    lora_A: (r, d_in), lora_B: (d_out, r). ``fan_in_fan_out`` marks a base whose weight is
+    stored (d_in, d_out), which only changes the layout of ``delta_weight``.
+    """
+
+    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", fan_in_fan_out: bool = False) -> None:
+        super().__init__(r, alpha, dropout, use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.Parameter(torch.empty(r, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r))
+        init_lora_A(self.lora_A.data, init, r)
+
+    def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        x = x.to(self.lora_A.dtype)
+        return _LoraLinearFn.apply(x, base_out, self.lora_A, self.lora_B, self.scale, p, seed)
+
+    def delta_weight(self, base_layer: nn.Module) -> Tensor:
+        return merge_math.linear_delta(self.lora_A, self.lora_B, self.scale, self.fan_in_fan_out)
+
+
+class LoraEmbedding(_LoraBase):
+    """LoRA for nn.Embedding, in PEFT's layout: A (r, num_embeddings) = 0, B (dim, r) ~ N(0, 1).
+
+    Embeddings start with A = 0 (not B) as in loralib, so the product is still zero at step 0.
+    Dropout does not apply to token indices.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming") -> None:
+        super().__init__(r, alpha, 0.0, use_rslora)
+        self.lora_A = nn.Parameter(torch.zeros(r, num_embeddings))
+        self.lora_B = nn.Parameter(torch.randn(dim, r))
+
+    def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module) -> Tensor:
+        after_a = F.embedding(x, self.lora_A.T, padding_idx=base_layer.padding_idx,
+                              max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
+                              scale_grad_by_freq=base_layer.scale_grad_by_freq,
+                              sparse=base_layer.sparse)  # (..., r)
+        return base_out + (after_a @ self.lora_B.T).to(base_out.dtype) * self.scale
+
+    def delta_weight(self, base_layer: nn.Module) -> Tensor:
+        return merge_math.embedding_delta(self.lora_A, self.lora_B, self.scale)
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        # PEFT stores embedding LoRA as bare parameters: no ".weight" suffix.
+        return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
+
+
+class LoraConv(_LoraBase):
+    """LoRA for nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv.
+
+    lora_A: (r, c_in, *k), lora_B: (c_out, r, 1, ...). Grouped convolutions are not supported.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming") -> None:
+        super().__init__(r, alpha, dropout, use_rslora)
+        if base.groups != 1:
+            raise ValueError(f"{type(base).__name__} with groups={base.groups}: LoRA supports groups=1 only")
+        k = tuple(base.kernel_size)
+        self.conv = F.conv1d if len(k) == 1 else F.conv2d
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *k))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, r, *(1,) * len(k)))
+        init_lora_A(self.lora_A.data, init, r)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module) -> Tensor:
+        x = self.drop(x.to(self.lora_A.dtype))
+        h = self.conv(x, self.lora_A, None, base_layer.stride, base_layer.padding, base_layer.dilation)
+        return base_out + self.conv(h, self.lora_B).to(base_out.dtype) * self.scale
+
+    def delta_weight(self, base_layer: nn.Module) -> Tensor:
+        return merge_math.conv_delta(self.lora_A, self.lora_B, self.scale)

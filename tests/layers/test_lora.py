@@ -1,0 +1,149 @@
+"""LoRA layers against the formula h = W0 x + s B A x, and the fused autograd against plain autograd."""
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune.layers.base import AdaptedLayer
+from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear, _keep_mask, _LoraLinearFn
+
+
+def _wrapped_linear(d_in=16, d_out=12, r=4, alpha=8.0, dropout=0.0, **kw):
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out)
+    layer = AdaptedLayer(base)
+    layer.add("a", LoraLinear(d_in, d_out, r, alpha, dropout, **kw))
+    return layer
+
+
+def test_step0_output_equals_base_exactly():
+    layer = _wrapped_linear()
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_forward_matches_lora_formula():
+    layer = _wrapped_linear(r=4, alpha=8.0).eval()
+    ad = layer.adapters["a"]
+    nn.init.normal_(ad.lora_B)
+    x = torch.randn(3, 5, 16)
+    W0, b = layer.base_layer.weight, layer.base_layer.bias
+    expected = x @ W0.T + b + (8.0 / 4) * (x @ ad.lora_A.T @ ad.lora_B.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_scale():
+    assert LoraLinear(4, 4, r=16, alpha=8, use_rslora=True).scale == pytest.approx(8 / 4)
+    assert LoraLinear(4, 4, r=16, alpha=8).scale == pytest.approx(0.5)
+
+
+def test_gaussian_init_std_is_one_over_r():
+    a = LoraLinear(4096, 8, r=8, alpha=8, init="gaussian").lora_A
+    assert a.std().item() == pytest.approx(1 / 8, rel=0.02)
+    assert torch.count_nonzero(LoraLinear(64, 8, r=8, alpha=8, init="gaussian").lora_B) == 0
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_gradients_equal_plain_autograd(p):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    base_out = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    seed, scale = 1234, 1.7
+    out = _LoraLinearFn.apply(x, base_out, A, B, scale, p, seed)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, base_out, A, B), g)
+
+    keep = _keep_mask(x.detach().reshape(-1, 16), p, seed).view_as(x) if p else torch.ones_like(x)
+    ref = base_out + scale * ((x * keep / (1 - p)) @ A.T @ B.T)
+    ref_grads = torch.autograd.grad(ref, (x, base_out, A, B), g)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradcheck_with_dropout():
+    torch.manual_seed(0)
+    args = [torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, 5, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, 2, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda x, o, a, b: _LoraLinearFn.apply(x, o, a, b, 0.5, 0.25, 7), args)
+
+
+def test_dropout_is_active_in_train_and_off_in_eval():
+    layer = _wrapped_linear(dropout=0.5)
+    nn.init.normal_(layer.adapters["a"].lora_B)
+    x = torch.randn(4, 16)
+    assert not torch.allclose(layer.train()(x), layer.eval()(x))
+    torch.testing.assert_close(layer.eval()(x), layer.eval()(x))
+
+
+def _saved_bytes(fn):
+    """Bytes of unique storages saved for backward while fn() runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_dropout_saves_no_copy_of_the_input():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, requires_grad=True)
+    no_drop, drop = _wrapped_linear(256, 256, r=8).train(), _wrapped_linear(256, 256, r=8, dropout=0.1).train()
+    assert _saved_bytes(lambda: drop(x)) == _saved_bytes(lambda: no_drop(x))
+    # what plain autograd would keep: the dropped copy of x (64 x 256 fp32) and its mask on top
+    assert _saved_bytes(lambda: drop(x)) < 64 * 256 * 4 * 2 + 64 * 8 * 4 + 256 * 8 * 4 + 256 * 256 * 4 + 10_000
+
+
+def test_embedding_step0_and_merge_consistency():
+    torch.manual_seed(0)
+    base = nn.Embedding(50, 8, padding_idx=0)
+    layer = AdaptedLayer(base)
+    ad = LoraEmbedding(50, 8, r=4, alpha=8)
+    layer.add("a", ad)
+    ids = torch.randint(0, 50, (3, 6))
+    assert torch.equal(layer(ids), base(ids))
+    nn.init.normal_(ad.lora_A)
+    unmerged = layer(ids)
+    layer.merge(("a",))
+    torch.testing.assert_close(layer(ids), unmerged)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 6, 3, padding=1, stride=2), nn.Conv2d(3, 6, 1),
+                                  nn.Conv1d(3, 6, 5, padding=2, dilation=1), nn.Conv2d(3, 6, 3, dilation=2)])
+def test_conv_merge_equals_adapter_path(conv):
+    layer = AdaptedLayer(conv)
+    ad = LoraConv(conv, r=2, alpha=4)
+    layer.add("a", ad)
+    x = torch.randn(2, 3, 9, 9) if isinstance(conv, nn.Conv2d) else torch.randn(2, 3, 11)
+    assert torch.equal(layer(x), conv(x))
+    nn.init.normal_(ad.lora_B)
+    unmerged = layer(x)
+    layer.merge(("a",))
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_conv_is_refused_clearly():
+    with pytest.raises(ValueError, match="groups=2: LoRA supports groups=1 only"):
+        LoraConv(nn.Conv2d(4, 4, 3, groups=2), r=2, alpha=2)
+
+
+def test_merge_is_idempotent_and_unmerge_restores():
+    layer = _wrapped_linear()
+    nn.init.normal_(layer.adapters["a"].lora_B)
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge(("a",))
+    once = layer.base_layer.weight.detach().clone()
+    layer.merge(("a",))
+    assert torch.equal(layer.base_layer.weight, once) and layer.merged == ("a",)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert layer.merged == ()

@@ -1,0 +1,52 @@
+import pytest
+
+from slimtune import ConfigError, LoraConfig, config_from_dict
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", 0, "lora.r=0: must be a positive integer"),
+    ("r", 2.5, "lora.r=2.5: must be a positive integer"),
+    ("alpha", -1, "lora.alpha=-1: must be a positive number"),
+    ("dropout", 1.0, "lora.dropout=1.0: must be a number in [0, 1)"),
+    ("init", "xavier", "lora.init='xavier': must be one of kaiming, gaussian"),
+    ("bias", "some", "lora.bias='some': must be one of none, all, lora_only"),
+    ("target_modules", "q_proj(", "is not a valid regular expression"),
+    ("target_modules", (), "must name at least one module"),
+    ("target_types", ("Dense",), "lora.target_types='Dense': must be one of"),
+    ("layers_to_transform", (-1,), "must be a list of block indices >= 0"),
+    ("rank_pattern", {"q_proj": 0}, "lora.rank_pattern['q_proj']=0: must be a positive int"),
+])
+def test_bad_values_name_field_value_and_allowed(field, value, message):
+    with pytest.raises(ConfigError) as err:
+        LoraConfig(**{field: value})
+    assert message in str(err.value)
+
+
+def test_config_is_frozen_and_lists_become_tuples():
+    cfg = LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+    assert cfg.target_modules == ("q_proj", "v_proj") and cfg.modules_to_save == ("score",)
+    with pytest.raises(Exception):
+        cfg.r = 4
+    assert hash(cfg.target_modules)
+
+
+def test_round_trip_through_dict():
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 16}, use_rslora=True)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_field_and_method_are_named():
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['rank'\]"):
+        config_from_dict({"method": "lora", "rank": 8})
+    with pytest.raises(ConfigError, match="method='lora2': must be one of lora"):
+        config_from_dict({"method": "lora2"})
+
+
+def test_rank_and_alpha_patterns_match_name_ends():
+    cfg = LoraConfig(r=8, alpha=16, rank_pattern={"down_proj": 32, r"layers\.0\.self_attn\.q_proj": 4},
+                     alpha_pattern={"down_proj": 64})
+    assert cfg.rank_for("model.layers.3.mlp.down_proj") == 32
+    assert cfg.alpha_for("model.layers.3.mlp.down_proj") == 64
+    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 4
+    assert cfg.rank_for("model.layers.10.self_attn.q_proj") == 8
+    assert cfg.rank_for("model.layers.3.mlp.xdown_proj") == 8

@@ -33,6 +33,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/lora_step.py
+	$(BIN)/python benchmarks/memory_measure.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from slimtune.memory.commands import register as register_memory_commands
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune large models on small hardware: LoRA, QLoRA and friends.")
 
@@ -50,6 +52,9 @@ def version() -> None:
     from slimtune.version import __version__
 
     typer.echo(__version__)
+
+
+register_memory_commands(app)  # estimate, plan
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -256,10 +256,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         r, alpha = config.rank_for(name), config.alpha_for(name)
         adapter = make_lora(base, r, alpha, config)
         ref = next(base.parameters(), None)
-        if ref is not None and ref.is_floating_point():
-            adapter.to(device=ref.device, dtype=ref.dtype)
-        elif ref is not None:
-            adapter.to(device=ref.device)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
+        if ref is not None:
+            adapter.to(device=ref.device, dtype=dtype)
         adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(base).train(base.training)

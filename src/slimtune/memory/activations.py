@@ -1,0 +1,222 @@
+"""What autograd keeps for backward, worked out without running the model (no torch here).
+
+The classic closed form (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", arXiv:2205.05198, eq. 1) is ``s*b*h*(34 + 5*a*s/h)`` bytes per GPT-3 layer in
+16-bit with dropout masks and materialised attention. Modern fine-tuning departs from it in ways that
+move the number by tens of percent: SwiGLU MLPs, RMSNorm upcast to fp32, rotary embeddings, fused
+(flash / SDPA) attention without the ``s^2`` terms, frozen weights whose linears keep no input, and
+a logits/loss term (``tokens * vocab * 4`` bytes in fp32) that dominates small models.
+
+So instead of one closed form per family, each family's forward pass is written down op by op
+(:mod:`slimtune.memory.families`) as calls to the small functions below. Each op states which of its
+inputs or outputs PyTorch's autograd formula saves (``tools/autograd/derivatives.yaml``: e.g. ``mm``
+saves its input only when the weight needs a gradient). :class:`Graph` de-duplicates saved tensors by
+storage, as memory does: the three projections that read one normed input keep it once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+
+FP32 = 4.0
+INT64 = 8.0
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A symbolic tensor: storage ``key``, elements in that storage, bytes per element, requires_grad."""
+
+    key: str
+    numel: int
+    bpe: float
+    grad: bool
+
+    @property
+    def nbytes(self) -> float:
+        """Bytes of the whole storage."""
+        return self.numel * self.bpe
+
+
+@dataclass
+class Graph:
+    """Saved-for-backward storages of one forward pass, keyed by storage.
+
+    ``device`` matters for dropout: CUDA's fused dropout keeps a 1-byte bool mask, the CPU kernel
+    multiplies by a mask in the input's dtype.
+    """
+
+    device: str = "cuda"
+    saved: dict[str, float] = field(default_factory=dict)
+    _ids: count = field(default_factory=count)
+
+    def new(self, numel: int, bpe: float, grad: bool, name: str = "t") -> Sym:
+        """A fresh storage (an op output)."""
+        return Sym(f"{name}#{next(self._ids)}", int(numel), float(bpe), grad)
+
+    def save(self, *tensors: Sym) -> None:
+        """Mark storages as saved for backward; a storage is counted once."""
+        for t in tensors:
+            self.saved.setdefault(t.key, t.nbytes)
+
+    @property
+    def total(self) -> float:
+        """Bytes held by all saved storages."""
+        return sum(self.saved.values())
+
+
+def linear(g: Graph, x: Sym, d_out: int, tokens: int, weight_trains: bool, bpe: float) -> Sym:
+    """``y = x W^T + b`` (``mm``/``addmm``): saves ``x`` only if W trains (dW = dy^T x); W is a parameter.
+
+    x: (tokens, d_in) -> y: (tokens, d_out).
+    """
+    if weight_trains:
+        g.save(x)
+    return g.new(tokens * d_out, bpe, x.grad or weight_trains, "linear")
+
+
+def lora_branch(g: Graph, x: Sym, y: Sym, r: int, tokens: int, bpe: float, dora: bool = False) -> Sym:
+    """LoRA ``y + s * B(A(x))`` (Hu et al. 2021): A saves x (shared with the base linear), B saves the
+    (tokens, r) intermediate ``A x``; the scalar scale and the add save nothing. Dropout on x is
+    re-drawn in backward by slimtune, so no mask is kept.
+
+    DoRA (Liu et al. 2024, as in PEFT's ``DoraLinearLayer``) also keeps the base output and the LoRA
+    output, (tokens, d_out) each, for the magnitude's gradient; the weight norm is detached.
+    """
+    mid = g.new(tokens * r, bpe, True, "lora_mid")
+    g.save(x, mid)
+    if dora:
+        g.save(y, g.new(y.numel, bpe, True, "dora_lora_out"))
+    return g.new(y.numel, bpe, True, "lora_out")
+
+
+def bottleneck_adapter(g: Graph, x: Sym, m: int, tokens: int, bpe: float) -> Sym:
+    """Houlsby et al. 2019 adapter ``x + up(act(down(x)))``: down saves x, the activation saves the
+    (tokens, m) down output, up saves the (tokens, m) activation output."""
+    down = g.new(tokens * m, bpe, True, "adapter_down")
+    act = g.new(tokens * m, bpe, True, "adapter_act")
+    g.save(x, down, act)
+    return g.new(x.numel, bpe, True, "adapter_out")
+
+
+def dropout(g: Graph, x: Sym, p: float) -> Sym:
+    """Training dropout: identity when p == 0 (ATen returns the input), else keeps a mask the size of
+    x (1 byte per element on CUDA, x's dtype on CPU) when x needs a gradient."""
+    if p == 0.0:
+        return x
+    if x.grad:
+        g.save(g.new(x.numel, 1.0 if g.device == "cuda" else x.bpe, False, "dropout_mask"))
+    return g.new(x.numel, x.bpe, x.grad, "dropout")
+
+
+def rmsnorm(g: Graph, x: Sym, hidden: int, tokens: int, weight_trains: bool) -> Sym:
+    """Llama RMSNorm in transformers: upcast to fp32, ``x * rsqrt(mean(x^2) + eps)``, cast back, ``* w``.
+
+    Saves the fp32 input (a copy unless x is already fp32) and the (tokens, 1) fp32 rsqrt when x needs
+    a gradient, and the normalised tensor in x's dtype when the weight trains.
+    """
+    grad = x.grad or weight_trains
+    if x.grad:
+        x32 = x if x.bpe == FP32 else g.new(x.numel, FP32, True, "norm_x32")
+        g.save(x32, g.new(tokens, FP32, True, "rsqrt"))
+    if weight_trains:
+        g.save(g.new(tokens * hidden, x.bpe, grad, "normed"))
+    return g.new(tokens * hidden, x.bpe, grad, "norm_out")
+
+
+def layernorm(g: Graph, x: Sym, tokens: int, weight_trains: bool) -> Sym:
+    """``native_layer_norm``: saves the input and fp32 mean and rstd (tokens each) when anything needs
+    a gradient (the input is needed for both dx and dw)."""
+    grad = x.grad or weight_trains
+    if grad:
+        g.save(x, g.new(tokens, FP32, False, "ln_mean"), g.new(tokens, FP32, False, "ln_rstd"))
+    return g.new(x.numel, x.bpe, grad, "ln_out")
+
+
+def activation(g: Graph, x: Sym, kind: str) -> Sym:
+    """Pointwise activation. ``silu``/``gelu``/``gelu_pytorch_tanh`` save their input, ``relu`` its
+    output; transformers' ``gelu_new`` is a Python formula keeping x, tanh(.), 0.5x and 1+tanh(.)."""
+    out = g.new(x.numel, x.bpe, x.grad, "act")
+    if not x.grad:
+        return out
+    if kind == "relu":
+        g.save(out)
+    elif kind == "gelu_new":
+        g.save(x, *(g.new(x.numel, x.bpe, True, n) for n in ("tanh", "half_x", "one_plus_tanh")))
+    else:
+        g.save(x)
+    return out
+
+
+def mul(g: Graph, a: Sym, b: Sym) -> Sym:
+    """``a * b``: saves b if a needs a gradient and a if b does."""
+    if a.grad:
+        g.save(b)
+    if b.grad:
+        g.save(a)
+    return g.new(max(a.numel, b.numel), a.bpe, a.grad or b.grad, "mul")
+
+
+def embedding(g: Graph, ids: Sym, hidden: int, tokens: int, weight_trains: bool, bpe: float) -> Sym:
+    """Token/position lookup: saves the int64 indices only when the table trains."""
+    if weight_trains:
+        g.save(ids)
+    return g.new(tokens * hidden, bpe, weight_trains, "embed")
+
+
+def cross_entropy(g: Graph, logits: Sym, tokens: int, vocab: int, upcast: bool, target: Sym) -> None:
+    """``log_softmax`` + ``nll_loss``: keeps the (tokens, vocab) log-probabilities (fp32 when the
+    loss upcasts, as transformers' ``ForCausalLMLoss`` does), the int64 targets and a scalar."""
+    if not logits.grad:
+        return
+    bpe = FP32 if upcast else logits.bpe
+    g.save(g.new(tokens * vocab, bpe, True, "log_probs"), target, g.new(1, FP32, False, "total_weight"))
+
+
+def matmul(g: Graph, a: Sym, b: Sym, numel: int) -> Sym:
+    """Batched ``a @ b`` (``bmm``): saves b if a needs a gradient and a if b does."""
+    if a.grad:
+        g.save(b)
+    if b.grad:
+        g.save(a)
+    return g.new(numel, a.bpe, a.grad or b.grad, "matmul")
+
+
+def attention(
+    g: Graph, q: Sym, k: Sym, v: Sym, shape: tuple[int, int, int, int, int], impl: str, p: float,
+    upcast_softmax: bool,
+) -> Sym:
+    """Scaled dot-product attention; returns the (tokens, heads*head_dim) input of the output projection.
+
+    ``shape`` is (batch, seq, heads, kv_heads, head_dim). Fused SDPA (flash; on CPU only without
+    dropout) keeps q, k, v, the output and an fp32 (b, heads, s) logsumexp: no ``s^2`` term, and its
+    output is already laid out for the output projection.
+
+    The math fallback (SDPA with dropout on CPU) and eager attention are two batched matmuls around a
+    softmax: they keep ``b*heads*s^2`` probabilities (fp32 first when eager upcasts the softmax, as
+    Llama's does), a dropout mask and the dropped probabilities. ``bmm`` needs (b*heads, s, d)
+    operands: keys and values become contiguous copies (GQA repeats them anyway); eager's query is
+    copied too unless batch is 1, when the head-transposed view folds without a copy and the whole
+    source storage stays alive (GPT-2's fused q/k/v output). The math kernel scales q and k into
+    copies. The output is transposed into a contiguous copy.
+    """
+    b, s, heads, kv_heads, d = shape
+    bpe, out_numel = q.bpe, b * s * heads * d
+    if not (q.grad or k.grad or v.grad):
+        return g.new(out_numel, bpe, False, "attn_out")
+    if impl == "sdpa" and (p == 0.0 or g.device == "cuda"):
+        out = g.new(out_numel, bpe, True, "attn_out")
+        g.save(q, k, v, out, g.new(b * heads * s, FP32, False, "lse"))
+        return out
+    if impl == "sdpa" or b > 1:
+        q = g.new(out_numel, bpe, q.grad, "q_bmm")
+    k = g.new(out_numel, bpe, k.grad, "k_bmm")
+    v = g.new(out_numel, bpe, v.grad, "v_bmm")
+    scores = matmul(g, q, k, b * heads * s * s)
+    probs = g.new(scores.numel, FP32 if upcast_softmax else bpe, scores.grad, "softmax")
+    if probs.grad:
+        g.save(probs)
+    if probs.bpe != bpe:
+        probs = g.new(probs.numel, bpe, probs.grad, "probs_cast")
+    matmul(g, dropout(g, probs, p), v, out_numel)
+    return g.new(out_numel, bpe, True, "attn_out_contiguous")

@@ -1,0 +1,264 @@
+"""Measure what a training step really holds, by the estimator's components (imports torch lazily).
+
+* weights, gradients, optimizer state: exact tensor accounting (unique storages of the parameters,
+  of ``p.grad`` and of ``optimizer.state``; torch's per-tensor ``step`` scalars included);
+* activations: unique storages saved for backward, seen through
+  ``torch.autograd.graph.saved_tensors_hooks`` (parameter storages excluded). With gradient
+  checkpointing the hook sees what each checkpointed block keeps (its input); what one block
+  re-saves while it is recomputed in backward is measured by a second, uncheckpointed forward pass
+  that attributes every saved storage to the block running when it was saved;
+* on CUDA, also ``torch.cuda.max_memory_allocated`` over the step.
+
+The model is prepared for a method exactly as slimtune trains it (``prepare``): ``full`` trains
+everything, ``freeze`` the last blocks, ``lora`` goes through :func:`slimtune.inject`. (qlora is
+not measured yet: see :func:`prepare`.)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from slimtune.memory.spec import Method, Precision, Workload
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Bytes measured in one training step, by component; ``cuda_peak`` is None off CUDA."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    trainable_params: int
+    device: str
+    cuda_peak: int | None = None
+
+    @property
+    def total(self) -> int:
+        """Sum of the four components."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, int]:
+        """The same keys as :meth:`slimtune.memory.estimate.Estimate.as_dict`."""
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "activations": self.activations, "total": self.total}
+
+
+def blocks_of(model: "nn.Module") -> "nn.ModuleList":
+    """The transformer blocks: the first ``ModuleList`` as long as the config's layer count.
+
+    Raises ValueError when the model has no such list.
+    """
+    from torch import nn
+
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"model={type(model).__name__}: found no ModuleList of {n} transformer blocks")
+
+
+def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Module":
+    """Cast ``model`` to the compute dtype and set what trains for ``method``, in place.
+
+    Raises ValueError for a method not measured yet (qlora, dora, adapter, prompt-tuning).
+    """
+    import torch
+
+    dtype = getattr(torch, _DTYPES[precision.compute_dtype(method.name)])
+    model.to(dtype)
+    if method.name in ("full", "freeze"):
+        trainable = method.name == "full"
+        for p in model.parameters():
+            p.requires_grad_(trainable)
+        if not trainable:
+            for block in blocks_of(model)[-method.trainable_layers:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+        return model
+    if method.name == "lora":
+        import slimtune
+
+        slimtune.inject(model, slimtune.LoraConfig(r=method.rank, alpha=2 * method.rank, dropout=0.0,
+                                                   target_modules=_lora_targets(method, model)))
+        return model
+    raise ValueError(f"method={method.name!r}: cannot be measured yet; measurable: full, freeze, lora "
+                     "(qlora: slimtune keeps LoRA weights in fp32 on a 4-bit base and Linear4bit's saved "
+                     "tensors are not modelled yet)")
+
+
+def _lora_targets(method: Method, model: "nn.Module") -> Any:
+    from slimtune.memory.arch import DEFAULT_TARGETS, family_of
+
+    targets = method.targets or DEFAULT_TARGETS[family_of(model.config.model_type)]
+    return "all-linear" if "all-linear" in targets else targets
+
+
+@contextmanager
+def saved_storages(model: "nn.Module", record: dict[int, int]) -> Iterator[None]:
+    """Record ``{storage pointer: bytes}`` for every tensor autograd saves, parameters excluded."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+
+    def pack(t: "torch.Tensor") -> "torch.Tensor":
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip and storage.nbytes():
+            record.setdefault(ptr, storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def batch_for(model: "nn.Module", batch: int, seq: int, seed: int = 0) -> dict[str, "torch.Tensor"]:
+    """Random token ids and labels (the ids themselves) of shape (batch, seq)."""
+    import torch
+
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def block_recompute_bytes(model: "nn.Module", inputs: dict[str, "torch.Tensor"]) -> int:
+    """Largest bytes one block saves for backward beyond its own input (what a checkpointed block
+    re-saves while recomputed), from an uncheckpointed forward pass with storages attributed per block."""
+    import torch
+
+    blocks = blocks_of(model)
+    per_block: list[dict[int, int]] = [{} for _ in blocks]
+    inputs_seen: list[int] = [0] * len(blocks)
+    current: list[int] = [-1]
+    seen: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+
+    def pre(i: int):
+        def hook(module: "nn.Module", args: tuple, kwargs: dict) -> None:
+            current[0] = i
+            x = args[0] if args else kwargs.get("hidden_states")
+            inputs_seen[i] = x.untyped_storage().data_ptr()
+        return hook
+
+    def post(module: "nn.Module", args: tuple, kwargs: dict, out: Any) -> None:
+        current[0] = -1
+
+    def pack(t: "torch.Tensor") -> "torch.Tensor":
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if current[0] >= 0 and ptr not in skip and ptr != inputs_seen[current[0]] and ptr not in seen:
+            seen[ptr] = per_block[current[0]].setdefault(ptr, storage.nbytes())
+        return t
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post, with_kwargs=True) for b in blocks]
+    was_ckpt = getattr(model, "is_activation_checkpointing", None)
+    was_ckpt = model.is_gradient_checkpointing if was_ckpt is None else was_ckpt
+    if was_ckpt:
+        _disable_checkpointing(model)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        if was_ckpt:
+            _enable_checkpointing(model)
+    return max(sum(d.values()) for d in per_block)
+
+
+def _enable_checkpointing(model: "nn.Module") -> None:
+    # Non-reentrant, as the estimator assumes: each block keeps its input, nothing else. transformers 5
+    # renamed gradient_checkpointing_* to activation_checkpointing_*; both make the input embeddings'
+    # output require a gradient.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _disable_checkpointing(model: "nn.Module") -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:  # pragma: no cover - transformers 4
+        model.gradient_checkpointing_disable()
+
+
+def _unique_bytes(tensors: Iterator["torch.Tensor"]) -> int:
+    storages: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        storages.setdefault(s.data_ptr(), s.nbytes())
+    return sum(storages.values())
+
+
+def _optimizer(params: list, precision: Precision) -> "torch.optim.Optimizer":
+    import torch
+
+    if precision.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    if precision.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    if precision.optimizer == "none":
+        return torch.optim.SGD(params, lr=1e-4)
+    raise ValueError(f"optimizer={precision.optimizer!r}: measurable: adamw, sgd, none")
+
+
+def measure_step(model: "nn.Module", method: Method, precision: Precision, workload: Workload,
+                 steps: int = 1) -> Measured:
+    """Prepare ``model`` for ``method`` and run ``steps`` training steps; return the last step's bytes.
+
+    The model must be a Hugging Face model taking ``input_ids`` and ``labels``. Raises ValueError for
+    settings this machine cannot train (fp32 master weights, 8-bit optimizers, a CUDA workload on a
+    machine without CUDA) or a method slimtune cannot train yet.
+    """
+    import torch
+
+    if precision.master_weights:
+        raise ValueError("master_weights=True: not measurable (slimtune trains the weights in place)")
+    device = "cuda" if workload.device == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda': CUDA is not available on this machine")
+    model = prepare(model, method, precision).to(device).train()
+    model.config._attn_implementation = workload.attention
+    if workload.checkpointing:
+        _enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = _optimizer(params, precision)
+    inputs = batch_for(model, workload.batch, workload.seq)
+    saved: dict[int, int] = {}
+    for step in range(steps):
+        last = step == steps - 1
+        optim.zero_grad(set_to_none=True)
+        if last and device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if last:
+            saved.clear()
+            with saved_storages(model, saved):
+                loss = model(**inputs).loss
+        else:
+            loss = model(**inputs).loss
+        loss.backward()
+        grads = _unique_bytes(p.grad for p in params if p.grad is not None)
+        optim.step()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    activations = sum(saved.values())
+    if workload.checkpointing:
+        activations += block_recompute_bytes(model, inputs)
+    state = (t for s in optim.state.values() for t in s.values() if torch.is_tensor(t))
+    return Measured(
+        weights=_unique_bytes(iter(list(model.parameters()))), gradients=grads,
+        optimizer=_unique_bytes(state), activations=activations,
+        trainable_params=sum(p.numel() for p in params), device=device, cuda_peak=peak,
+    )

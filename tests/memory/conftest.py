@@ -1,0 +1,13 @@
+"""Tiny random Hugging Face configs for the memory tests, as plain config.json dicts."""
+
+from __future__ import annotations
+
+TINY = {
+    "llama": {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "tie_word_embeddings": False},
+    "gpt2": {"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
+             "bos_token_id": 0, "eos_token_id": 0},
+    "bert": {"model_type": "bert", "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64},
+}

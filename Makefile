@@ -34,6 +34,8 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/lora_step.py
 	$(BIN)/python benchmarks/memory_measure.py
+	$(BIN)/python benchmarks/nf4.py --threads 1
+	$(BIN)/python benchmarks/nf4.py --quality
 
 clean:
 	rm -rf $(VENV) runs

@@ -25,6 +25,9 @@ _EXPORTS = {
     "slimtune.files": ("AdapterFileError", "load_adapter", "save_adapter"),
     "slimtune.fingerprint": ("BaseModelMismatch",),
     "slimtune.inject": ("InjectionReport", "inject"),
+    "slimtune.quant": ("Linear4bit", "dequantize_model", "dequantize_nf4", "load_quantized", "quantize_model",
+                       "quantize_nf4"),
+    "slimtune.optim": ("AdamW8bit", "OffloadedOptimizer", "load_optimizer", "save_optimizer"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -36,6 +36,8 @@ bench: setup
 	$(BIN)/python benchmarks/memory_measure.py
 	$(BIN)/python benchmarks/nf4.py --threads 1
 	$(BIN)/python benchmarks/nf4.py --quality
+	$(BIN)/python benchmarks/methods_dora_step.py
+	$(BIN)/python benchmarks/methods_bottleneck_latency.py
 
 clean:
 	rm -rf $(VENV) runs

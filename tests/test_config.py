@@ -50,3 +50,47 @@ def test_rank_and_alpha_patterns_match_name_ends():
     assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 4
     assert cfg.rank_for("model.layers.10.self_attn.q_proj") == 8
     assert cfg.rank_for("model.layers.3.mlp.xdown_proj") == 8
+
+
+# -- the method family: one schema, YAML in and out ---------------------------------------------
+
+from slimtune.config import (BottleneckConfig, FreezeConfig, FullConfig, PromptTuningConfig,  # noqa: E402
+                             load_config, save_config)
+
+
+@pytest.mark.parametrize("cfg", [LoraConfig(r=4, use_dora=True, target_modules="all-linear"),
+                                 LoraConfig(init="pissa"), BottleneckConfig(size=16, positions=("mlp",)),
+                                 PromptTuningConfig(num_virtual_tokens=8, init="text", init_text="Hi"),
+                                 FreezeConfig(last_n_blocks=2, modules=("lm_head",)), FullConfig()])
+def test_every_method_round_trips_through_yaml(cfg, tmp_path):
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_methods_are_one_field_apart_and_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("method: dora  # LoRA plus a trained magnitude per row\nr: 16\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert isinstance(cfg, LoraConfig) and cfg.use_dora and cfg.r == 16
+    (tmp_path / "b.yaml").write_text("method: bottleneck\nsize: 0\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: bottleneck.size=0: must be a positive integer"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("!!python/object/apply:os.system ['echo unsafe']\n")
+    with pytest.raises(Exception, match="could not determine a constructor"):  # safe_load only
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="method='adapterz': must be one of lora, dora, bottleneck"):
+        config_from_dict({"method": "adapterz"})
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: PromptTuningConfig(num_virtual_tokens=0), "prompt.num_virtual_tokens=0: must be a positive integer"),
+    (lambda: PromptTuningConfig(init="vocab"), "prompt.init='vocab': must be one of random, text"),
+    (lambda: FreezeConfig(last_n_blocks=-1), "freeze.last_n_blocks=-1: must be an integer >= 0"),
+    (lambda: FullConfig(freeze_embeddings="yes"), "full.freeze_embeddings='yes': must be true or false"),
+    (lambda: BottleneckConfig(nonlinearity="swish"), "bottleneck.nonlinearity='swish': must be one of relu"),
+    (lambda: LoraConfig(use_dora=1), "lora.use_dora=1: must be true or false"),
+])
+def test_new_configs_name_field_value_and_allowed(build, message):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert message in str(err.value)

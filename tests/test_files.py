@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import slimtune
-from slimtune import AdapterFileError, BaseModelMismatch, LoraConfig, inject, load_adapter, save_adapter
+from slimtune import AdapterFileError, BaseModelMismatch, LoraConfig, load_adapter, save_adapter
+from slimtune import inject
 from tests.conftest import conv_toy, randomize_adapters, tiny_bert_cls, tiny_gpt2, tiny_llama, tokens
 
 peft = pytest.importorskip("peft")
@@ -147,10 +148,15 @@ def test_pickle_files_are_refused_with_an_explanation(tmp_path):
 
 
 def test_peft_features_slimtune_lacks_are_refused(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
+    # DoRA is supported now (tests/layers/test_dora.py); LoRA bias vectors are not
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_bias": True,
                                                               "target_modules": ["q_proj"]}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFileError, match="use_dora"):
+    with pytest.raises(AdapterFileError, match="lora_bias"):
+        load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"],
+                                                              "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(AdapterFileError, match="init_lora_weights='pissa_niter_4'"):
         load_adapter(tiny_llama(), tmp_path)
 
 

@@ -119,5 +119,8 @@ def test_conv_and_embedding_layers_are_wrapped():
 
 
 def test_public_api_names():
+    import slimtune.files  # noqa: F401  (importing submodules must not shadow the public functions)
+    import slimtune.injection  # noqa: F401
+
     for name in ("LoraConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload"):
         assert callable(getattr(slimtune, name))

@@ -19,12 +19,15 @@ from typing import Any
 from slimtune.version import __version__
 
 _EXPORTS = {
-    "slimtune.config": ("ConfigError", "LoraConfig", "config_from_dict"),
+    "slimtune.config": ("BottleneckConfig", "ConfigError", "FreezeConfig", "FullConfig", "LoraConfig",
+                        "PromptTuningConfig", "config_from_dict", "load_config", "save_config"),
+    "slimtune.methods": ("prepare",),
+    "slimtune.methods.loraplus": ("create_loraplus_optimizer", "loraplus_param_groups"),
     "slimtune.control": ("active_adapters", "adapter_names", "delete_adapter", "disable_adapters", "merge",
                          "merge_and_unload", "set_active", "unmerge"),
     "slimtune.files": ("AdapterFileError", "load_adapter", "save_adapter"),
     "slimtune.fingerprint": ("BaseModelMismatch",),
-    "slimtune.inject": ("InjectionReport", "inject"),
+    "slimtune.injection": ("InjectionReport", "inject"),
     "slimtune.quant": ("Linear4bit", "dequantize_model", "dequantize_nf4", "load_quantized", "quantize_model",
                        "quantize_nf4"),
     "slimtune.optim": ("AdamW8bit", "OffloadedOptimizer", "load_optimizer", "save_optimizer"),

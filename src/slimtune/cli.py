@@ -18,17 +18,24 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 @app.command()
 def demo(
-    steps: int = typer.Option(30, min=1, help="training steps (about 2-3 s each on a 2-core CPU)"),
-    rank: int = typer.Option(8, min=1, help="LoRA rank r: higher = more capacity, more memory"),
-    alpha: float = typer.Option(16.0, help="LoRA alpha; the update is scaled by alpha / r"),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate for the adapter"),
+    steps: int = typer.Option(30, min=1, help="training steps (a few seconds each on a 2-core CPU)"),
+    config: Path = typer.Option(None, exists=True, dir_okay=False,
+                                help="a method config (YAML): lora, dora, bottleneck, prompt, freeze or full; "
+                                     "see configs/. Default: LoRA r=--rank on all linear layers"),
+    rank: int = typer.Option(8, min=1, help="LoRA rank r (without --config): higher = more capacity, more memory"),
+    alpha: float = typer.Option(16.0, help="LoRA alpha (without --config); the update is scaled by alpha / r"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
     batch: int = typer.Option(8, min=1), seq: int = typer.Option(64, min=8),
+    quick: bool = typer.Option(False, help="2 training plays, a small held-out set, short generations"),
     out: Path = typer.Option(Path("runs/demo"), help="where the adapter folder is written"),
 ) -> None:
-    """LoRA on the real SmolLM2-135M, trained on Shakespeare: report, loss, generations, adapter file."""
+    """Fine-tune the real SmolLM2-135M on Shakespeare: report, loss, generations, adapter file."""
+    from slimtune.config import load_config
     from slimtune.demo import run_demo
 
-    run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out)
+    sizes = dict(train_plays=2, heldout_blocks=8, new_tokens=8) if quick else {}
+    run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out,
+             config=load_config(config) if config else None, **sizes)
 
 
 @app.command()

@@ -3,18 +3,25 @@
 Every config is a frozen dataclass checked at construction: a bad value raises
 ``ConfigError`` naming the field, the value and what is allowed, e.g.
 ``lora.r=0: must be a positive integer``. Configs round-trip through plain dicts
-(and therefore JSON / YAML) with ``to_dict`` / ``config_from_dict``.
+(and therefore JSON / YAML) with ``to_dict`` / ``config_from_dict`` / ``load_config``.
+
+One schema covers every method; the ``method`` field picks the type, so two runs compared in a
+benchmark are one field apart:
+
+    method: lora | dora | bottleneck | prompt | freeze | full
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 ALL_LINEAR = "all-linear"
-INIT_CHOICES = ("kaiming", "gaussian")
+INIT_CHOICES = ("kaiming", "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 # Module type names accepted by ``target_types`` (the class name of the layer to wrap).
 TYPE_CHOICES = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Linear4bit")
@@ -74,6 +81,12 @@ class LoraConfig:
     modules_to_save: modules trained fully and stored with the adapter (e.g. a classifier head).
     init: ``kaiming`` (A ~ kaiming-uniform, PEFT's default) or ``gaussian`` (A ~ N(0, 1/r),
         the LoRA paper's); B = 0 either way so the adapted model equals the base at step 0.
+        ``pissa`` (Meng et al. 2024) puts the top-r singular vectors of W0 in A and B and keeps
+        the residual in W0; ``olora`` (Buyukakyuz 2024) does the same with a QR decomposition.
+        Both rewrite the base weight, so the step-0 output still equals the base.
+    use_rslora: scale by alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r.
+    use_dora: DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A|| per output row,
+        with a trainable magnitude m. Linear-like layers only (Linear, Conv1D, 4-bit).
     bias: which biases train and are saved: ``none``, ``all``, or ``lora_only`` (wrapped layers').
     """
 
@@ -90,6 +103,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     init: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     bias: str = "none"
 
     method = "lora"
@@ -122,8 +136,9 @@ class LoraConfig:
         _check_str_tuple(p, "modules_to_save", self.modules_to_save)
         if self.init not in INIT_CHOICES:
             _fail(p, "init", self.init, f"must be one of {', '.join(INIT_CHOICES)}")
-        if not isinstance(self.use_rslora, bool):
-            _fail(p, "use_rslora", self.use_rslora, "must be true or false")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(p, flag, getattr(self, flag), "must be true or false")
         if self.bias not in BIAS_CHOICES:
             _fail(p, "bias", self.bias, f"must be one of {', '.join(BIAS_CHOICES)}")
 
@@ -154,11 +169,20 @@ class LoraConfig:
         return _pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"method": self.method}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, Mapping) else v)
+        out = _to_dict(self)
+        if self.use_dora:
+            out["method"] = "dora"
         return out
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    out = {"method": cfg.method}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, Mapping) else v)
+    return out
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
@@ -168,18 +192,208 @@ def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) 
     return default
 
 
-CONFIG_TYPES: dict[str, type] = {"lora": LoraConfig}
+
+def _check_number(prefix: str, name: str, value: Any, lo: float, hi: float, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value < hi:
+        _fail(prefix, name, value, allowed)
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Any:
-    """Build a config from a dict with a ``method`` key; unknown keys are an error naming them."""
+def _check_layers(p: str, layers: Any, pattern: Any) -> None:
+    if pattern is not None and (not isinstance(pattern, str) or not pattern):
+        _fail(p, "layers_pattern", pattern, "must be a module-list name such as 'layers'")
+    if not isinstance(layers, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        _fail(p, "layers_to_transform", layers, "must be a list of block indices >= 0")
+
+
+NONLINEARITIES = ("relu", "gelu", "silu", "tanh")
+POSITIONS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """Bottleneck adapters (Houlsby et al. 2019): h + up(act(down(h))) after a block's output projection.
+
+    size: bottleneck width m (params per adapter: 2 * d * m + m + d).  # higher: more capacity, more memory
+    positions: where adapters go: after the attention output projection and/or the MLP's
+        (Houlsby: both; Pfeiffer et al. 2020: MLP only). Resolved per architecture by name.
+    target_modules: explicit output-projection names instead of ``positions`` (suffix or regex).
+    The up-projection starts at zero, so step 0 equals the base. These cannot be merged.
+    """
+
+    size: int = 64
+    positions: tuple[str, ...] = POSITIONS
+    target_modules: tuple[str, ...] | str = ()
+    nonlinearity: str = "relu"
+    dropout: float = 0.0
+    scale: float = 1.0
+    exclude_modules: tuple[str, ...] = ()
+    layers_to_transform: tuple[int, ...] = ()
+    layers_pattern: str | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    method = "bottleneck"
+    target_types: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    bias = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("positions", "target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        p = self.method
+        _check_pos_int(p, "size", self.size)
+        _check_str_tuple(p, "positions", self.positions)
+        for pos in self.positions:
+            if pos not in POSITIONS:
+                _fail(p, "positions", pos, f"must be one of {', '.join(POSITIONS)}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                _fail(p, "target_modules", self.target_modules, f"is not a valid regular expression ({exc})")
+        else:
+            _check_str_tuple(p, "target_modules", self.target_modules)
+        if not self.positions and not self.target_modules:
+            _fail(p, "positions", self.positions, "must name attention and/or mlp (or set target_modules)")
+        if self.nonlinearity not in NONLINEARITIES:
+            _fail(p, "nonlinearity", self.nonlinearity, f"must be one of {', '.join(NONLINEARITIES)}")
+        _check_number(p, "dropout", self.dropout, 0.0, 1.0, "must be a number in [0, 1)")
+        _check_number(p, "scale", self.scale, 1e-12, float("inf"), "must be a positive number")
+        _check_str_tuple(p, "exclude_modules", self.exclude_modules)
+        _check_str_tuple(p, "modules_to_save", self.modules_to_save)
+        _check_layers(p, self.layers_to_transform, self.layers_pattern)
+
+    def rank_for(self, module_name: str) -> int:
+        return self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+PROMPT_INITS = ("random", "text")
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    """Prompt tuning (Lester et al. 2021): n trainable virtual-token embeddings prepended to the input.
+
+    num_virtual_tokens: n.  # more: more capacity, and n more positions of attention per step
+    init: ``random`` (N(0, 1) scaled like the embedding table, as PEFT) or ``text`` (the embeddings of
+        ``init_text``'s tokens, repeated or cut to n; needs a tokenizer at setup).
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+
+    method = "prompt"
+
+    def __post_init__(self) -> None:
+        p = self.method
+        _check_pos_int(p, "num_virtual_tokens", self.num_virtual_tokens)
+        if self.init not in PROMPT_INITS:
+            _fail(p, "init", self.init, f"must be one of {', '.join(PROMPT_INITS)}")
+        if self.init == "text" and (not isinstance(self.init_text, str) or not self.init_text):
+            _fail(p, "init_text", self.init_text, "must be a non-empty string when init='text'")
+        if self.init_text is not None and not isinstance(self.init_text, str):
+            _fail(p, "init_text", self.init_text, "must be a string or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Freeze-tuning: train only the last N transformer blocks and/or named modules; the rest is frozen.
+
+    last_n_blocks: how many blocks, counted from the output end, train in full (0: none).
+    modules: module names or dotted-name suffixes trained in full (e.g. ``("lm_head", "norm")``).
+    layers_pattern: the block list's name (``layers``, ``h``, ``layer``); found automatically if unset.
+    """
+
+    last_n_blocks: int = 2
+    modules: tuple[str, ...] = ()
+    layers_pattern: str | None = None
+
+    method = "freeze"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", _as_tuple(self.modules))
+        p = self.method
+        if isinstance(self.last_n_blocks, bool) or not isinstance(self.last_n_blocks, int) or self.last_n_blocks < 0:
+            _fail(p, "last_n_blocks", self.last_n_blocks, "must be an integer >= 0")
+        _check_str_tuple(p, "modules", self.modules)
+        if self.last_n_blocks == 0 and not self.modules:
+            _fail(p, "last_n_blocks", 0, "must be > 0 when no modules are named (nothing would train)")
+        _check_layers(p, (), self.layers_pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """Full fine-tuning, the baseline: every parameter trains (optionally not the embeddings)."""
+
+    freeze_embeddings: bool = False
+
+    method = "full"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.freeze_embeddings, bool):
+            _fail(self.method, "freeze_embeddings", self.freeze_embeddings, "must be true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+MethodConfig = LoraConfig | BottleneckConfig | PromptTuningConfig | FreezeConfig | FullConfig
+CONFIG_TYPES: dict[str, type] = {"lora": LoraConfig, "dora": LoraConfig, "bottleneck": BottleneckConfig,
+                                 "prompt": PromptTuningConfig, "freeze": FreezeConfig, "full": FullConfig}
+
+
+def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
+    """Build a config from a dict with a ``method`` key (default ``lora``); unknown keys are an error.
+
+    ``method: dora`` is LoRA with ``use_dora: true``.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config={data!r}: must be a mapping of field names to values")
     data = dict(data)
     method = data.pop("method", "lora")
     cls = CONFIG_TYPES.get(method)
     if cls is None:
-        raise ConfigError(f"method={method!r}: must be one of {', '.join(sorted(CONFIG_TYPES))}")
-    names = {f.name for f in dataclasses.fields(cls)}
+        raise ConfigError(f"method={method!r}: must be one of {', '.join(CONFIG_TYPES)}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{method}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+    if method == "dora":
+        if data.get("use_dora", True) is not True:
+            raise ConfigError(f"dora.use_dora={data['use_dora']!r}: must be true for method dora (or use method lora)")
+        data["use_dora"] = True
     return cls(**data)
+
+
+def load_config(path: str | os.PathLike) -> MethodConfig:
+    """Read a config from a YAML (or JSON) file with ``yaml.safe_load``; see ``config_from_dict``."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    try:
+        return config_from_dict(data or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_config(config: MethodConfig, path: str | os.PathLike) -> None:
+    """Write a config as YAML that ``load_config`` reads back equal."""
+    import yaml
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)  # never a half-written config
+    finally:
+        tmp.unlink(missing_ok=True)

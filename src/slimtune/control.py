@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
+from slimtune.methods.prompt import prompt_of, remove_prompt
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -61,6 +62,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer, and unwrap layers left with no adapter."""
     _check_names(model, (name,), "adapter_name")
+    if type(model.slimtune_configs[name]).__name__ == "PromptTuningConfig":
+        remove_prompt(model)
     for module_name, module in list(_wrappers(model)):
         have = module.adapters if isinstance(module, AdaptedLayer) else module.copies
         if name in have:
@@ -80,6 +83,11 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe: bo
     non-finite result raises ValueError naming the adapter, and that layer is left unmerged.
     """
     names = active_adapters(model) if adapter_names is None else _check_names(model, adapter_names, "adapter_names")
+    configs = getattr(model, "slimtune_configs", {})
+    for n in names:
+        if type(configs.get(n)).__name__ == "PromptTuningConfig":
+            raise TypeError(f"adapter {n!r} is prompt tuning: virtual tokens are inputs, not a weight update, so "
+                            "there is nothing to merge; keep the prompt (save_adapter) or set_active() other adapters")
     for module_name, layer in adapted_layers(model):
         layer.merge(tuple(n for n in names if n in layer.active), safe=safe, module_name=module_name)
 
@@ -115,7 +123,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block: merged adapters are unmerged first, re-merged after."""
     merged = {name: layer.merged for name, layer in adapted_layers(model)}
     unmerge(model)
-    wrappers = [m for _, m in _wrappers(model)]
+    wrappers = [m for _, m in _wrappers(model)] + ([prompt_of(model)] if prompt_of(model) is not None else [])
     for m in wrappers:
         m.disabled = True
     try:

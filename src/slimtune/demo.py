@@ -54,16 +54,22 @@ def generate(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def memory_saving(total_params: int, trainable: int) -> str:
+def memory_saving(total_params: int, trainable: int, method: str = "LoRA") -> str:
     """Gradients + AdamW moments in fp32 (4 + 8 bytes per trainable parameter), full vs LoRA."""
     full, lora = 12 * total_params, 12 * trainable
     return (f"gradients + AdamW state (fp32, 12 bytes per trainable param): full fine-tune "
-            f"{full / 1e6:,.1f} MB -> LoRA {lora / 1e6:,.2f} MB ({full / max(lora, 1):,.0f}x less)")
+            f"{full / 1e6:,.1f} MB -> {method} {lora / 1e6:,.2f} MB ({full / max(lora, 1):,.0f}x less)")
+
+
+def default_config(rank: int = 8, alpha: float = 16.0) -> slimtune.LoraConfig:
+    return slimtune.LoraConfig(r=rank, alpha=alpha, dropout=0.05, target_modules="all-linear")
 
 
 def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e-3, batch: int = 8,
              seq: int = 64, out_dir: str | Path = "runs/demo", seed: int = 0, log=print,
-             train_plays: int = 12, heldout_blocks: int = 48, new_tokens: int = 40) -> DemoResult:
+             train_plays: int = 12, heldout_blocks: int = 48, new_tokens: int = 40,
+             config=None) -> DemoResult:
+    """Train ``config``'s method (default: LoRA r=``rank`` on all linear layers) on the real SmolLM2-135M."""
     torch.manual_seed(seed)
     t0 = time.time()
     model, tokenizer = load_smollm2()
@@ -75,10 +81,10 @@ def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e
     log(f"data: {len(train):,} training blocks of {seq} tokens; held out: {HELD_OUT_PLAY} ({len(heldout)} blocks)")
     log(f"\nbefore training, {PROMPT.strip()!r} ->\n{generate(model, tokenizer, PROMPT, new_tokens)}\n")
 
-    report = slimtune.inject(model, slimtune.LoraConfig(r=rank, alpha=alpha, dropout=0.05,
-                                                         target_modules="all-linear"))
+    config = config or default_config(rank, alpha)
+    report = slimtune.prepare(model, config, tokenizer=tokenizer)
     log(str(report))
-    log(memory_saving(report.total_params - report.trainable_params, report.trainable_params) + "\n")
+    log(memory_saving(report.total_params - report.trainable_params, report.trainable_params, config.method) + "\n")
 
     before = heldout_loss(model, heldout)
     log(f"held-out loss before: {before:.3f} (perplexity {math.exp(before):.1f})")
@@ -87,6 +93,9 @@ def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e
     log(f"held-out loss after {steps} steps: {after:.3f} (perplexity {math.exp(after):.1f})")
     log(f"\nafter training, {PROMPT.strip()!r} ->\n{generate(model, tokenizer, PROMPT, new_tokens)}\n")
 
+    if config.method in ("freeze", "full"):
+        log(f"{config.method} tuning changes the model itself: save it with model.save_pretrained(...)")
+        return DemoResult(before, after, tuple(losses), 0, 0.0)
     folder = slimtune.save_adapter(model, Path(out_dir) / "adapter", base_model_name_or_path="SmolLM2-135M-Instruct")
     size = sum(f.stat().st_size for f in folder.iterdir())
     diff = _reload_check(model, folder, heldout[:2])

@@ -23,10 +23,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from slimtune import fingerprint
-from slimtune.config import ALL_LINEAR, LoraConfig, config_from_dict
+from slimtune.config import ALL_LINEAR, BottleneckConfig, LoraConfig, PromptTuningConfig, config_from_dict
 from slimtune.control import adapted_layers, delete_adapter
-from slimtune.inject import inject
+from slimtune.injection import inject
 from slimtune.layers.base import TrainedCopy
+from slimtune.methods.prompt import inject_prompt, prompt_of
 from slimtune.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -48,6 +49,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
 def _live_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
     """The parameters (and buffers) themselves, under PEFT's key names."""
     cfg = _config_of(model, adapter_name)
+    if isinstance(cfg, PromptTuningConfig):  # PEFT's key is bare: no module path
+        return dict(prompt_of(model).file_tensors())
     out: dict[str, Tensor] = {}
     for name, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
@@ -82,8 +85,22 @@ def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
 
 
 def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """adapter_config.json in PEFT's schema for a slimtune LoRA adapter."""
+    """adapter_config.json in PEFT's schema for a slimtune LoRA/DoRA adapter.
+
+    Methods PEFT lacks (bottleneck adapters) get slimtune's own schema, ``peft_type: SLIMTUNE_BOTTLENECK``.
+    """
     cfg = _config_of(model, adapter_name)
+    if isinstance(cfg, PromptTuningConfig):
+        mc = getattr(model, "config", None)
+        return {"peft_type": "PROMPT_TUNING", "task_type": _task_type(model, cfg),
+                "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": prompt_of(model).embedding.shape[1],
+                "num_transformer_submodules": 1, "num_attention_heads": getattr(mc, "num_attention_heads", None),
+                "num_layers": getattr(mc, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
+                "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True,
+                "base_model_name_or_path": base_model_name_or_path, "revision": None}
+    if isinstance(cfg, BottleneckConfig):
+        return {"peft_type": "SLIMTUNE_BOTTLENECK", "slimtune_config": cfg.to_dict(),
+                "base_model_name_or_path": base_model_name_or_path}
     targets: Any = cfg.target_modules
     if targets == ALL_LINEAR or cfg.target_types:
         # PEFT expands "all-linear" to leaf names when it saves; do the same, and cover target_types.
@@ -95,10 +112,11 @@ def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_pat
         "fan_in_fan_out": any(getattr(l.adapters[adapter_name], "fan_in_fan_out", False)
                               for _, l in adapted_layers(model) if adapter_name in l.adapters),
         "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
         "modules_to_save": list(cfg.modules_to_save) or None,
         "layers_to_transform": list(cfg.layers_to_transform) or None, "layers_pattern": cfg.layers_pattern,
         "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
-        "use_dora": False, "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
     }
 
@@ -111,12 +129,15 @@ def _task_type(model: nn.Module, cfg: LoraConfig) -> str | None:
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
                          ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS")):
         if name.endswith(suffix):
-            return task if task == "CAUSAL_LM" or cfg.modules_to_save else None
+            return task if task == "CAUSAL_LM" or getattr(cfg, "modules_to_save", ()) else None
     return None
 
 
 def _fingerprint(model: nn.Module, adapter_name: str) -> fingerprint.Fingerprint:
     layers = [(n, l.base_layer) for n, l in adapted_layers(model) if adapter_name in l.adapters]
+    if isinstance(_config_of(model, adapter_name), PromptTuningConfig):
+        emb = model.get_input_embeddings()
+        layers = [(n, m) for n, m in model.named_modules() if m is emb]
     if any(l.merged for _, l in adapted_layers(model)):
         raise RuntimeError("adapters are merged into the base weights; unmerge before saving or loading "
                            "so the base-model fingerprint is computed on the original weights")
@@ -183,7 +204,8 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[
     return config, tensors, meta
 
 
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias vectors", "use_qalora": "QA-LoRA"}
+_UNSUPPORTED = {"lora_bias": "LoRA bias vectors", "use_qalora": "QA-LoRA"}
+_PEFT_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
 def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
@@ -195,6 +217,9 @@ def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
             raise AdapterFileError(f"{key}={d[key]!r}: {what} adapters are not supported by this slimtune version")
     targets = d.get("target_modules")
     init = d.get("init_lora_weights", True)
+    if init not in _PEFT_INITS:
+        raise AdapterFileError(f"init_lora_weights={init!r}: slimtune loads {', '.join(map(repr, _PEFT_INITS))}; "
+                               "this init rewrites the base weight in a way slimtune does not reproduce")
     return LoraConfig(
         r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout") or 0.0,
         target_modules=targets if isinstance(targets, str) else tuple(targets or ()),
@@ -203,8 +228,8 @@ def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
         layers_pattern=_first(d.get("layers_pattern")),
         rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
         modules_to_save=_tuple(d.get("modules_to_save")),
-        init="gaussian" if init == "gaussian" else "kaiming",
-        use_rslora=bool(d.get("use_rslora", False)), bias=d.get("bias", "none"))
+        init=_PEFT_INITS[init], use_rslora=bool(d.get("use_rslora", False)),
+        use_dora=bool(d.get("use_dora", False)), bias=d.get("bias", "none"))
 
 
 def _tuple(v: Any) -> tuple:
@@ -228,9 +253,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config_dict, tensors, meta = _read_folder(Path(path))
     if "slimtune_config" in meta:
         config = config_from_dict(json.loads(meta["slimtune_config"]))
+    elif config_dict.get("peft_type") == "PROMPT_TUNING":
+        config = PromptTuningConfig(num_virtual_tokens=config_dict["num_virtual_tokens"])
+    elif config_dict.get("peft_type") == "SLIMTUNE_BOTTLENECK":
+        config = config_from_dict(config_dict["slimtune_config"])
     else:
         config = _present_modules_to_save(model, lora_config_from_peft(config_dict))
-    report = inject(model, config, adapter_name)
+    if isinstance(config, PromptTuningConfig):
+        # the file holds the trained embeddings: no need to tokenize init_text again
+        report = inject_prompt(model, dataclasses.replace(config, init="random"), adapter_name)
+    else:
+        report = inject(model, config, adapter_name)
     try:
         _load_tensors(model, adapter_name, tensors)
         if check_base and "slimtune_fingerprint" in meta:

@@ -69,3 +69,67 @@ def merge_state_dict(base: dict[str, Tensor], deltas: dict[str, Tensor]) -> dict
 
 def is_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
+
+
+# -- DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") ----------------------
+#
+# W' = m * V / ||V||_c with V = W0 + s B A, the norm taken per output row (the paper's column norm of
+# the (d_in, d_out) matrix). Section 4.3 treats ||V|| as a constant in backward, so it is computed
+# under no_grad. The rows are written out (d_out, d_in) here whatever the base's storage layout.
+
+def dora_norm(W0: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """||W0 + s B A|| per output row, in fp32, computed densely. W0: (d_out, d_in) -> (d_out,)."""
+    return torch.linalg.vector_norm(W0.float() + (B.float() @ A.float()) * scale, dim=1)
+
+
+def dora_norm_factored(w0_sq: Tensor, w0_at: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """The same norm without forming W0 + s B A (d_out x d_in): only (d_out, r) products.
+
+    ||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i . (W0 A^T)_i + s^2 b_i (A A^T) b_i^T
+    w0_sq: (d_out,) squared row norms of W0; w0_at: (d_out, r) = W0 @ A^T; A: (r, d_in); B: (d_out, r).
+    """
+    B32 = B.float()
+    gram = A.float() @ A.float().T  # (r, r)
+    sq = w0_sq + 2.0 * scale * (B32 * w0_at).sum(1) + scale * scale * ((B32 @ gram) * B32).sum(1)
+    return sq.clamp_min(0.0).sqrt()
+
+
+def dora_merged(W0: Tensor, A: Tensor, B: Tensor, scale: float, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    """(W', norm): W' = m / ||V|| * V with V = W0 + s B A, in W0's dtype; norm kept for unmerging.
+
+    W0: (d_out, d_in); magnitude: (d_out,).
+    """
+    V = W0.float() + (B.float() @ A.float()) * scale  # (d_out, d_in)
+    norm = torch.linalg.vector_norm(V, dim=1)
+    return ((magnitude.float() / norm)[:, None] * V).to(W0.dtype), norm
+
+
+def dora_unmerged(W: Tensor, A: Tensor, B: Tensor, scale: float, magnitude: Tensor, norm: Tensor) -> Tensor:
+    """Inverse of ``dora_merged`` given the norm it returned: W0 = W * ||V|| / m - s B A."""
+    W0 = W.float() * (norm / magnitude.float())[:, None] - (B.float() @ A.float()) * scale
+    return W0.to(W.dtype)
+
+
+# -- initializations that move the base's principal part into the adapter ----------------------
+
+def pissa_split(W0: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PiSSA (Meng et al. 2024): (A, B, W_res) with s B A the top-r SVD part of W0, W_res the rest.
+
+    W0 = U S V^T; A = sqrt(S_r / s) V_r^T (r, d_in), B = U_r sqrt(S_r / s) (d_out, r), so that
+    W_res + s B A = W0. Computed in fp32, exact SVD (as PEFT's ``init_lora_weights="pissa"``).
+    """
+    U, S, Vh = torch.linalg.svd(W0.float(), full_matrices=False)
+    root = torch.sqrt(S[:r] / scale)  # (r,)
+    A = root[:, None] * Vh[:r]  # (r, d_in)
+    B = U[:, :r] * root[None, :]  # (d_out, r)
+    return A, B, W0.float() - scale * (B @ A)
+
+
+def olora_split(W0: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """OLoRA (Buyukakyuz 2024): W0 = Q R; A = R[:r] (r, d_in), B = Q[:, :r] (d_out, r), residual kept.
+
+    As PEFT's ``init_lora_weights="olora"``: W_res = W0 - s B A, so W_res + s B A = W0.
+    """
+    Q, R = torch.linalg.qr(W0.float())
+    A, B = R[:r].contiguous(), Q[:, :r].contiguous()
+    return A, B, W0.float() - scale * (B @ A)

@@ -13,7 +13,6 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from slimtune import merging as merge_math
 
 
 @runtime_checkable
@@ -30,6 +29,12 @@ class Adapter(Protocol):
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         """The fp32 update to add to ``base_layer.weight`` (same shape and layout)."""
+
+    def merged_weight(self, weight: Tensor, base_layer: nn.Module) -> Tensor:
+        """The base weight with this adapter merged in (``weight``'s dtype and layout)."""
+
+    def unmerged_weight(self, weight: Tensor, base_layer: nn.Module) -> Tensor:
+        """The inverse of ``merged_weight``: the base weight before this adapter was merged."""
 
     def file_tensors(self) -> dict[str, Tensor]:
         """Tensors to save, keyed by Hugging Face PEFT's names relative to the wrapped module."""
@@ -81,10 +86,10 @@ class AdaptedLayer(nn.Module):
             adapter = self.adapters[name]
             if not adapter.mergeable:
                 raise TypeError(f"adapter {name!r} on {module_name or type(self.base_layer).__name__} "
-                                f"({type(adapter).__name__}) cannot be merged into the base weight")
+                                f"({type(adapter).__name__}) cannot be merged into the base weight: "
+                                f"{getattr(adapter, 'not_mergeable_reason', 'it is not a weight update')}")
             weight = _base_weight_param(self.base_layer, module_name)
-            delta = adapter.delta_weight(self.base_layer)
-            new = merge_math.merge_into(weight.data, delta)
+            new = adapter.merged_weight(weight.data, self.base_layer)
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {name!r} into {module_name or 'layer'} gives non-finite "
                                  "weights; the adapter is broken (NaN/inf) and was not merged")
@@ -95,8 +100,7 @@ class AdaptedLayer(nn.Module):
         """Subtract merged adapters from the base weight, newest first. No-op when none is merged."""
         weight = _base_weight_param(self.base_layer, module_name) if self.merged else None
         for name in reversed(self.merged):
-            delta = self.adapters[name].delta_weight(self.base_layer)
-            weight.data.copy_(merge_math.unmerge_from(weight.data, delta))
+            weight.data.copy_(self.adapters[name].unmerged_weight(weight.data, self.base_layer))
         self.merged = ()
 
     def extra_repr(self) -> str:

@@ -101,6 +101,12 @@ class _LoraBase(nn.Module):
             with torch.no_grad():
                 param.copy_(t)
 
+    def merged_weight(self, weight: Tensor, base_layer: nn.Module) -> Tensor:
+        return merge_math.merge_into(weight, self.delta_weight(base_layer))
+
+    def unmerged_weight(self, weight: Tensor, base_layer: nn.Module) -> Tensor:
+        return merge_math.unmerge_from(weight, self.delta_weight(base_layer))
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"
 

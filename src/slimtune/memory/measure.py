@@ -10,7 +10,7 @@
 * on CUDA, also ``torch.cuda.max_memory_allocated`` over the step.
 
 The model is prepared for a method exactly as slimtune trains it (``prepare``): ``full`` trains
-everything, ``freeze`` the last blocks, ``lora`` goes through :func:`slimtune.inject`. (qlora is
+everything, ``freeze`` the last blocks, ``lora`` goes through :func:`slimtune.injection`. (qlora is
 not measured yet: see :func:`prepare`.)
 """
 

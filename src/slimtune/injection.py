@@ -15,9 +15,16 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-from slimtune.config import ALL_LINEAR, LoraConfig
+import torch
+
+from slimtune import merging as merge_math
+from slimtune.config import ALL_LINEAR, BottleneckConfig, LoraConfig
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
+from slimtune.layers.bottleneck import BottleneckAdapter, position_of
+from slimtune.layers.dora import DoraLinear, dense_weight
 from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
+
+AdapterConfig = LoraConfig | BottleneckConfig
 
 CLASSIFIER_HEADS = ("score", "classifier")
 _BLOCK_INDEX = re.compile(r"\.(\d+)(\.|$)")
@@ -79,9 +86,32 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
+def make_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
+    """Build the adapter object ``cfg`` asks for, fitting ``base``'s type (module ``name``)."""
+    if isinstance(cfg, BottleneckConfig):
+        if not is_linear_like(base):
+            raise TypeError(f"bottleneck adapters wrap linear output projections; {name} is a {type(base).__name__}")
+        d_out = base.weight.shape[1] if _is_conv1d_transposed(base) else base.out_features
+        return BottleneckAdapter(d_out, cfg.size, cfg.nonlinearity, cfg.dropout, cfg.scale)
+    r, alpha = cfg.rank_for(name), cfg.alpha_for(name)
+    needs_linear = [what for what, on in (("use_dora=True", cfg.use_dora),
+                                          (f"init={cfg.init!r}", cfg.init in ("pissa", "olora"))) if on]
+    if needs_linear and not is_linear_like(base):
+        raise TypeError(f"lora.{needs_linear[0]}: supported on linear layers only; {name} is a "
+                        f"{type(base).__name__} (exclude it with exclude_modules)")
+    if cfg.use_dora:
+        kw = dict(dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=_random_init(cfg.init))
+        return DoraLinear(base, r, alpha, fan_in_fan_out=_is_conv1d_transposed(base), **kw)
+    return make_lora(base, r, alpha, cfg)
+
+
+def _random_init(init: str) -> str:
+    return init if init in ("kaiming", "gaussian") else "kaiming"  # pissa/olora overwrite A, B afterwards
+
+
 def make_lora(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> nn.Module:
     """Build the LoRA adapter object fitting ``base``'s type."""
-    kw = dict(r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init)
+    kw = dict(r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=_random_init(cfg.init))
     if _is_conv1d_transposed(base):
         d_in, d_out = base.weight.shape
         return LoraLinear(d_in, d_out, fan_in_fan_out=True, **kw)
@@ -140,13 +170,15 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if any(_base_of(m) is h for h in heads)}
 
 
-def build_matcher(model: nn.Module, cfg: LoraConfig) -> Callable[[str, nn.Module], bool]:
+def build_matcher(model: nn.Module, cfg: AdapterConfig) -> Callable[[str, nn.Module], bool]:
     """A predicate (name, module) -> bool for the config's targets, excludes and layer filter."""
     heads = output_head_names(model)
     tm = cfg.target_modules
 
     def by_target(name: str, base: nn.Module) -> bool:
-        if tm == ALL_LINEAR:
+        if isinstance(cfg, BottleneckConfig) and not tm:
+            hit = is_linear_like(base) and position_of(name) in cfg.positions
+        elif tm == ALL_LINEAR:
             hit = is_linear_like(base) and name not in heads
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
@@ -218,8 +250,10 @@ def _wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) ->
 
 def _apply_bias_mode(model: nn.Module, cfg: LoraConfig, wrapped: list[str]) -> None:
     if cfg.bias == "all":
+        # the frozen originals kept beside modules_to_save copies stay frozen (as in PEFT)
+        originals = {id(p) for m in model.modules() if isinstance(m, TrainedCopy) for p in m.original.parameters()}
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") and id(p) not in originals:
                 p.requires_grad_(True)
     elif cfg.bias == "lora_only":
         for name in wrapped:
@@ -233,32 +267,40 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> InjectionReport:
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> InjectionReport:
     """Wrap every layer ``config`` targets with a new adapter named ``adapter_name``, in place.
 
-    Base weights are frozen; only adapter parameters, ``modules_to_save`` copies and (per
-    ``config.bias``) biases train. Raises ValueError when a target matches nothing (naming the
-    closest real modules) or the adapter name is taken.
+    ``config`` is a LoraConfig (LoRA, DoRA, rsLoRA, PiSSA/OLoRA init) or a BottleneckConfig. Base
+    weights are frozen; only adapter parameters, ``modules_to_save`` copies and (per ``config.bias``)
+    biases train. Raises ValueError when a target matches nothing (naming the closest real modules)
+    or the adapter name is taken; TypeError for a layer the method cannot wrap.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a slimtune.LoraConfig, got {type(config).__name__}")
+    if not isinstance(config, (LoraConfig, BottleneckConfig)):
+        raise TypeError(f"config must be a slimtune.LoraConfig or BottleneckConfig, got {type(config).__name__} "
+                        "(slimtune.methods.prepare(model, config) takes every method)")
     _check_adapter_name(model, adapter_name)
     match = build_matcher(model, config)
     targets = [(n, m) for n, m in candidate_modules(model) if match(n, m)]
     if not targets:
-        field = "target_types" if not config.target_modules else "target_modules"
+        if isinstance(config, BottleneckConfig) and not config.target_modules:
+            raise no_match_error(model, config.positions, "bottleneck.positions")
+        field = "target_modules" if config.target_modules or not config.target_types else "target_types"
         raise no_match_error(model, config.target_modules or config.target_types, f"{config.method}.{field}")
+    adapters = [make_adapter(_base_of(m), n, config) for n, m in targets]  # all checks before any change
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, module in targets:
+    for (name, module), adapter in zip(targets, adapters):
         base = _base_of(module)
-        r, alpha = config.rank_for(name), config.alpha_for(name)
-        adapter = make_lora(base, r, alpha, config)
+        r = config.rank_for(name)
+        if isinstance(config, LoraConfig) and config.init in ("pissa", "olora"):
+            _principal_init(adapter, base, config.init, name)
         ref = next(base.parameters(), None)
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
         if ref is not None:
             adapter.to(device=ref.device, dtype=dtype)
+        if isinstance(adapter, DoraLinear):
+            adapter.init_magnitude(base)  # after any init that moved W0, and in the final dtype
         adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(base).train(base.training)
@@ -275,7 +317,22 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     configs[adapter_name] = config
     model.slimtune_configs = configs
     trainable, total = _count(model)
-    return InjectionReport(adapter_name, config.method, tuple(wrapped), saved, trainable, total)
+    method = "dora" if getattr(config, "use_dora", False) else config.method
+    return InjectionReport(adapter_name, method, tuple(wrapped), saved, trainable, total)
+
+
+def _principal_init(adapter: nn.Module, base: nn.Module, init: str, name: str) -> None:
+    """PiSSA / OLoRA: A, B from W0's SVD / QR, and W0 replaced by the residual (step 0 equals the base)."""
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+        raise TypeError(f"lora.init={init!r}: {name} has no floating-point weight to split (a 4-bit base? "
+                        "initialize on the full-precision model, then quantize the residual)")
+    split = merge_math.pissa_split if init == "pissa" else merge_math.olora_split
+    A, B, residual = split(dense_weight(base).detach(), adapter.r, adapter.scale)
+    with torch.no_grad():
+        adapter.lora_A.copy_(A)
+        adapter.lora_B.copy_(B)
+        weight.copy_(residual.T if _is_conv1d_transposed(base) else residual)
 
 
 def _set_trainable(model: nn.Module, adapter_name: str) -> None:

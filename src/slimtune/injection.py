@@ -263,8 +263,14 @@ def _apply_bias_mode(model: nn.Module, cfg: LoraConfig, wrapped: list[str]) -> N
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total) parameters; a packed quantized weight counts as the weights it holds."""
+    params = {id(p): p for p in model.parameters()}
+    sizes = {k: p.numel() for k, p in params.items()}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if callable(getattr(m, "dequantize", None)) and id(w) in sizes and not w.is_floating_point():
+            sizes[id(w)] = m.in_features * m.out_features
+    return sum(sizes[k] for k, p in params.items() if p.requires_grad), sum(sizes.values())
 
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> InjectionReport:

@@ -157,3 +157,14 @@ def test_module_to_moves_statistics(llama):
     assert {n for n, _ in layer.named_buffers()} == {"absmax", "quant_map", "nested_absmax", "nested_quant_map",
                                                      "offset"}
 
+
+
+def test_injection_report_counts_quantized_weights_as_weights_not_bytes():
+    import slimtune
+    from tests.conftest import tiny_llama
+
+    plain, quant = tiny_llama(), tiny_llama()
+    slimtune.quantize_model(quant)
+    a = slimtune.inject(plain, slimtune.LoraConfig(r=4, target_modules="all-linear"))
+    b = slimtune.inject(quant, slimtune.LoraConfig(r=4, target_modules="all-linear"))
+    assert b.trainable_params == a.trainable_params and b.total_params == a.total_params

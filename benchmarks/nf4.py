@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,26 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine
 
 RESULTS = Path(__file__).parent / "results"
 # SmolLM2-135M: hidden 576, intermediate 1536, 3 KV heads of 64 -> k/v projections 576 -> 192
 SHAPES = {"q_proj 576x576": (576, 576), "k_proj 192x576": (192, 576), "up_proj 1536x576": (1536, 576),
           "down_proj 576x1536": (576, 1536)}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import bitsandbytes
-    return (f"{cpu}, {os.cpu_count()} cores visible (shared with other jobs), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), bitsandbytes {bitsandbytes.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()}")
 
 
 def paired(f_ours, f_theirs, n: int) -> tuple[float, float, float]:
@@ -128,7 +113,7 @@ def finetune_drop(quantized: bool, train: torch.Tensor, held: torch.Tensor, step
 
 
 PEAK_CHILD = r"""
-import resource, sys, torch, slimtune
+import sys, torch, slimtune
 from slimtune.assets import smollm2_path, load_smollm2
 from slimtune.quant import load_quantized
 torch.manual_seed(0)
@@ -142,7 +127,7 @@ opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1
 model.train()
 for _ in range(2):
     model(x, labels=x).loss.backward(); opt.step(); opt.zero_grad()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))  # KiB, own peak
 """
 
 
@@ -203,10 +188,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if args.quality:
         body = "\n".join(quality(args.eval_blocks, args.steps))
-        write(RESULTS / "nf4_quality.md", f"# NF4 / QLoRA on SmolLM2-135M\n\nMachine: {machine()}\n\n{body}\n")
+        write(RESULTS / "nf4_quality.md", f"# NF4 / QLoRA on SmolLM2-135M\n\nMachine: {machine('bitsandbytes')}\n\n{body}\n")
     else:
         rows = throughput(args.runs, args.tokens)
-        text = (f"# NF4: slimtune vs bitsandbytes on CPU (same run)\n\nMachine: {machine()}\n\n"
+        text = (f"# NF4: slimtune vs bitsandbytes on CPU (same run)\n\nMachine: {machine('bitsandbytes')}\n\n"
                 f"`python benchmarks/nf4.py --runs {args.runs} --tokens {args.tokens}"
                 f"{f' --threads {args.threads}' if args.threads else ''}`; median of {args.runs} paired runs; "
                 "ratio = bitsandbytes time / slimtune time (above 1: slimtune faster).\n\n" + "\n".join(rows) + "\n")

@@ -279,16 +279,21 @@ class PromptTuningConfig:
     num_virtual_tokens: n.  # more: more capacity, and n more positions of attention per step
     init: ``random`` (N(0, 1) scaled like the embedding table, as PEFT) or ``text`` (the embeddings of
         ``init_text``'s tokens, repeated or cut to n; needs a tokenizer at setup).
+    modules_to_save: modules trained fully and stored with the prompt, e.g. a classifier head
+        (``("classifier",)`` for BERT, ``("score",)`` for Llama); PEFT adds these itself for SEQ_CLS.
     """
 
     num_virtual_tokens: int = 20
     init: str = "random"
     init_text: str | None = None
+    modules_to_save: tuple[str, ...] = ()
 
     method = "prompt"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modules_to_save", _as_tuple(self.modules_to_save))
         p = self.method
+        _check_str_tuple(p, "modules_to_save", self.modules_to_save)
         _check_pos_int(p, "num_virtual_tokens", self.num_virtual_tokens)
         if self.init not in PROMPT_INITS:
             _fail(p, "init", self.init, f"must be one of {', '.join(PROMPT_INITS)}")

@@ -33,6 +33,7 @@ from slimtune.version import __version__
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # PEFT's prompt learning wraps the model one level less deep
 
 
 class AdapterFileError(ValueError):
@@ -49,19 +50,18 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
 def _live_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
     """The parameters (and buffers) themselves, under PEFT's key names."""
     cfg = _config_of(model, adapter_name)
-    if isinstance(cfg, PromptTuningConfig):  # PEFT's key is bare: no module path
-        return dict(prompt_of(model).file_tensors())
     out: dict[str, Tensor] = {}
+    if isinstance(cfg, PromptTuningConfig):  # PEFT's keys: a bare prompt_embeddings, heads under base_model.
+        out.update(prompt_of(model).file_tensors())
+        out.update(_trained_copies(model, adapter_name, PROMPT_PREFIX))
+        return out
     for name, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
             for key, t in layer.adapters[adapter_name].file_tensors().items():
                 out[f"{PREFIX}{name}.{key}"] = t
             if cfg.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
-    for name, module in model.named_modules():
-        if isinstance(module, TrainedCopy) and adapter_name in module.copies:
-            for key, t in module.copies[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{name}.{key}"] = t
+    out.update(_trained_copies(model, adapter_name, PREFIX))
     if cfg.bias == "all":
         for name, p in _plain_named_parameters(model):
             if name.endswith("bias"):
@@ -97,6 +97,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, base_model_name_or_pat
                 "num_transformer_submodules": 1, "num_attention_heads": getattr(mc, "num_attention_heads", None),
                 "num_layers": getattr(mc, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
                 "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True,
+                "modules_to_save": list(cfg.modules_to_save) or None,
                 "base_model_name_or_path": base_model_name_or_path, "revision": None}
     if isinstance(cfg, BottleneckConfig):
         return {"peft_type": "SLIMTUNE_BOTTLENECK", "slimtune_config": cfg.to_dict(),
@@ -238,6 +239,16 @@ def _tuple(v: Any) -> tuple:
     return (v,) if isinstance(v, (str, int)) else tuple(v)
 
 
+def _trained_copies(model: nn.Module, adapter_name: str, prefix: str) -> dict[str, Tensor]:
+    """``modules_to_save`` tensors of ``adapter_name``: ``<prefix><module path>.<param>``."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TrainedCopy) and adapter_name in module.copies:
+            for key, t in module.copies[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{prefix}{name}.{key}"] = t
+    return out
+
+
 def _first(v: Any) -> str | None:
     return v[0] if isinstance(v, list) and v else (v or None)
 
@@ -254,7 +265,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if "slimtune_config" in meta:
         config = config_from_dict(json.loads(meta["slimtune_config"]))
     elif config_dict.get("peft_type") == "PROMPT_TUNING":
-        config = PromptTuningConfig(num_virtual_tokens=config_dict["num_virtual_tokens"])
+        config = _present_modules_to_save(model, PromptTuningConfig(
+            num_virtual_tokens=config_dict["num_virtual_tokens"],
+            modules_to_save=_tuple(config_dict.get("modules_to_save"))))
     elif config_dict.get("peft_type") == "SLIMTUNE_BOTTLENECK":
         config = config_from_dict(config_dict["slimtune_config"])
     else:
@@ -307,8 +320,10 @@ def _base_weights_in_file(model: nn.Module, adapter_name: str, tensors: dict[str
     return out
 
 
-def _present_modules_to_save(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """PEFT lists both ``classifier`` and ``score`` for any classifier and skips the absent one; so do we."""
+def _present_modules_to_save(model: nn.Module, config: Any) -> Any:
+    """PEFT lists both ``classifier`` and ``score`` for any classifier (sometimes twice) and skips the absent
+    one; so do we."""
     names = [n for n, _ in model.named_modules()]
-    keep = tuple(t for t in config.modules_to_save if any(n == t or n.endswith("." + t) for n in names))
+    keep = tuple(t for t in dict.fromkeys(config.modules_to_save)
+                 if any(n == t or n.endswith("." + t) for n in names))
     return dataclasses.replace(config, modules_to_save=keep)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from slimtune.layers.base import AdaptedLayer
-from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear, _keep_mask, _LoraLinearFn
+from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear, _keep_mask, _LoraLinearFn, drop_probability
 
 
 def _wrapped_linear(d_in=16, d_out=12, r=4, alpha=8.0, dropout=0.0, **kw):
@@ -56,7 +56,7 @@ def test_fused_gradients_equal_plain_autograd(p):
     grads = torch.autograd.grad(out, (x, base_out, A, B), g)
 
     keep = _keep_mask(x.detach().reshape(-1, 16), p, seed).view_as(x) if p else torch.ones_like(x)
-    ref = base_out + scale * ((x * keep / (1 - p)) @ A.T @ B.T)
+    ref = base_out + scale * ((x * keep / (1 - drop_probability(p))) @ A.T @ B.T)
     ref_grads = torch.autograd.grad(ref, (x, base_out, A, B), g)
     torch.testing.assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
@@ -94,10 +94,12 @@ def _saved_bytes(fn):
 
 
 def test_dropout_saves_no_copy_of_the_input():
+    # PEFT's nn.Dropout keeps a dropped fp32 copy of x (4 bytes per element); on CPU only a 1-byte keep-mask
+    # is saved, and on CUDA nothing (the mask is regenerated from its seed in backward)
     torch.manual_seed(0)
     x = torch.randn(64, 256, requires_grad=True)
     no_drop, drop = _wrapped_linear(256, 256, r=8).train(), _wrapped_linear(256, 256, r=8, dropout=0.1).train()
-    assert _saved_bytes(lambda: drop(x)) == _saved_bytes(lambda: no_drop(x))
+    assert _saved_bytes(lambda: drop(x)) == _saved_bytes(lambda: no_drop(x)) + x.numel()
     # what plain autograd would keep: the dropped copy of x (64 x 256 fp32) and its mask on top
     assert _saved_bytes(lambda: drop(x)) < 64 * 256 * 4 * 2 + 64 * 8 * 4 + 256 * 8 * 4 + 256 * 256 * 4 + 10_000
 
@@ -147,3 +149,43 @@ def test_merge_is_idempotent_and_unmerge_restores():
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
     layer.unmerge()
     assert layer.merged == ()
+
+
+def test_keep_mask_drops_at_rate_p_and_is_reproducible_from_its_seed():
+    x2 = torch.empty(400, 500)
+    keep = _keep_mask(x2, 0.1, 99)
+    assert keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.9) < 0.005  # 200k draws: sd ~ 0.0007
+    assert drop_probability(0.1) == pytest.approx(0.1, abs=1e-5) and drop_probability(0.25) == 0.25
+    odd = _keep_mask(torch.empty(7, 3), 0.5, 1)  # an element count that is not a multiple of 4
+    assert odd.shape == (7, 3)
+    assert torch.equal(keep, _keep_mask(x2, 0.1, 99))
+    assert not torch.equal(keep, _keep_mask(x2, 0.1, 100))
+
+
+@pytest.mark.parametrize("save_mask", [True, False])
+def test_saved_and_regenerated_masks_give_the_same_gradients(monkeypatch, save_mask):
+    # CPU saves the keep-mask; CUDA regenerates it from its seed. Both paths, checked on CPU.
+    import slimtune.layers.lora as lora
+
+    monkeypatch.setattr(lora, "SAVE_MASK_ON", ("cpu",) if save_mask else ())
+    test_fused_gradients_equal_plain_autograd(0.3)
+    x = torch.randn(64, 256, requires_grad=True)
+    no_drop, drop = _wrapped_linear(256, 256, r=8).train(), _wrapped_linear(256, 256, r=8, dropout=0.1).train()
+    extra = _saved_bytes(lambda: drop(x)) - _saved_bytes(lambda: no_drop(x))
+    assert extra == (x.numel() if save_mask else 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dropout_regenerates_the_mask_and_matches_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16, device="cuda", requires_grad=True)
+    base_out = torch.randn(2, 7, 12, device="cuda", requires_grad=True)
+    A = torch.randn(4, 16, device="cuda", requires_grad=True)
+    B = torch.randn(12, 4, device="cuda", requires_grad=True)
+    out = _LoraLinearFn.apply(x, base_out, A, B, 1.5, 0.3, 11)
+    keep = _keep_mask(x.detach().reshape(-1, 16), 0.3, 11).view_as(x)
+    ref = base_out + 1.5 * ((x * keep / (1 - drop_probability(0.3))) @ A.T @ B.T)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (x, A, B), g), torch.autograd.grad(ref, (x, A, B), g)):
+        torch.testing.assert_close(got, want)

@@ -44,8 +44,34 @@ def test_bf16_llama_counts_the_rmsnorm_upcast():
     assert_close(TINY["llama"], Method("full"), Workload(2, 32, checkpointing=True), Precision("bf16"))
 
 
+@pytest.mark.parametrize("batch, seq", [(1, 16), (3, 40)])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_qlora_tiny_llama_within_5_percent(batch, seq, ckpt):
+    assert_close(TINY["llama"], Method("qlora"), Workload(batch, seq, ckpt))
+
+
+def test_qlora_counts_4bit_codes_statistics_and_bf16_adapters():
+    from slimtune.memory.compare import build_model
+    from slimtune.memory.measure import prepare, weight_tensors
+    from slimtune.quant import Linear4bit
+
+    model, _ = build_model(TINY["llama"])
+    prepare(model, Method("qlora", rank=4, targets=("all-linear",)), Precision())
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == 14 and not isinstance(model.lm_head, Linear4bit)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {__import__("torch").bfloat16}
+    ids = {id(t) for t in weight_tensors(model)}
+    assert all(id(b) in ids for m in quantized for b in m.buffers(recurse=False))
+    assert_close(TINY["llama"], Method("qlora", rank=4, targets=("all-linear",)), Workload(2, 24, attention="eager"))
+
+
+def test_qlora_needs_linear_blocks():
+    with pytest.raises(ValueError, match="Conv1D"):
+        measure_against_estimate(TINY["gpt2"], Method("qlora"), Precision(), Workload(1, 8))
+
+
 def test_unsupported_methods_say_so():
-    for method in ("dora", "qlora"):
+    for method in ("dora",):
         with pytest.raises(ValueError, match=f"method='{method}': cannot be measured yet"):
             measure_against_estimate(TINY["llama"], Method(method), Precision(), Workload(1, 8))
     with pytest.raises(ValueError, match="too large to train"):
@@ -59,3 +85,8 @@ def test_unsupported_methods_say_so():
 def test_smollm2_within_5_percent(method, batch, seq, ckpt):
     assert_close("smollm2-135m", Method(method, targets=("all-linear",) if ckpt else None),
                  Workload(batch, seq, ckpt))
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_within_5_percent():
+    assert_close("smollm2-135m", Method("qlora"), Workload(1, 32))

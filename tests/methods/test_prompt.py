@@ -86,3 +86,38 @@ def test_text_init_and_encoder_classifier():
                labels=torch.tensor([0, 2]))
     out.loss.backward()
     assert prompt_of(bert).embedding.grad is not None
+
+
+def test_classifier_head_trains_with_the_prompt_and_files_match_peft_both_ways(tmp_path):
+    bert = tiny_bert_cls()
+    report = prepare(bert, PromptTuningConfig(num_virtual_tokens=N, modules_to_save=("classifier",)))
+    head = bert.get_submodule("classifier").current()
+    trainable = sorted(n for n, p in bert.named_parameters() if p.requires_grad)
+    assert trainable == ["classifier.copies.default.bias", "classifier.copies.default.weight",
+                         "slimtune_prompt.embedding"]
+    assert report.trainable_params == N * 64 + 64 * 3 + 3
+    ids, labels = tokens(), torch.tensor([0, 2])
+    bert(input_ids=ids, labels=labels).loss.backward()
+    assert head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        head.weight.add_(0.5)  # a trained head differs from the base's
+    save_adapter(bert, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "ours").eval()
+    bert.eval()
+    with torch.no_grad():
+        want = bert(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    theirs.save_pretrained(tmp_path / "peft")  # lists modules_to_save as classifier, score, classifier, score
+    again = tiny_bert_cls()
+    load_adapter(again, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    slimtune.delete_adapter(again, "default")
+    assert "TrainedCopy" not in {type(m).__name__ for m in again.modules()}
+
+
+def test_prompt_modules_to_save_that_match_nothing_leave_the_model_untouched():
+    bert = tiny_bert_cls()
+    with pytest.raises(ValueError, match="prompt.modules_to_save"):
+        prepare(bert, PromptTuningConfig(num_virtual_tokens=N, modules_to_save=("clasifier",)))
+    assert all(p.requires_grad for p in bert.parameters()) and prompt_of(bert) is None

@@ -75,10 +75,20 @@ def linear(g: Graph, x: Sym, d_out: int, tokens: int, weight_trains: bool, bpe: 
     return g.new(tokens * d_out, bpe, x.grad or weight_trains, "linear")
 
 
+def quantized_linear(g: Graph, x: Sym, d_out: int, tokens: int, bpe: float) -> Sym:
+    """A frozen 4-bit linear (slimtune's ``Linear4bit``, as bitsandbytes' ``MatMul4Bit``): a custom
+    autograd function that dequantizes W in forward and again in backward. It calls
+    ``save_for_backward`` with nothing and keeps only a reference to the layer (whose codes and
+    statistics are weights), so it saves no activation, not even its input; the casts to and from
+    the compute dtype (``ToCopyBackward``) save nothing either."""
+    return g.new(tokens * d_out, bpe, x.grad, "linear4bit")
+
+
 def lora_branch(g: Graph, x: Sym, y: Sym, r: int, tokens: int, bpe: float, dora: bool = False) -> Sym:
     """LoRA ``y + s * B(A(x))`` (Hu et al. 2021): A saves x (shared with the base linear), B saves the
-    (tokens, r) intermediate ``A x``; the scalar scale and the add save nothing. Dropout on x is
-    re-drawn in backward by slimtune, so no mask is kept.
+    (tokens, r) intermediate ``A x``; the scalar scale and the add save nothing. LoRA dropout is
+    not modelled (it is 0 here): with it, slimtune re-draws the mask in backward on CUDA (nothing kept)
+    and keeps a 1-byte mask of x's size on CPU.
 
     DoRA (Liu et al. 2024, as in PEFT's ``DoraLinearLayer``) also keeps the base output and the LoRA
     output, (tokens, d_out) each, for the magnitude's gradient; the weight norm is detached.

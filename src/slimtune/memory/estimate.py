@@ -136,7 +136,8 @@ def weight_component(model: Architecture | int, method: Method, precision: Preci
     """Bytes of all parameters: the base in its storage dtype, plus new adapter parameters.
 
     A quantized base keeps the block linears' weight matrices in nf4 (4.127 bits with double
-    quantization) or int8 (1 B + an fp32 scale per row); embeddings, norms, biases and the output head
+    quantization; with an architecture counted per layer, :func:`formulas.nf4_layer_bytes`, as partial
+    blocks and the per-layer offset add up in small layers) or int8 (1 B + an fp32 scale per row); embeddings, norms, biases and the output head
     stay in the compute dtype, as transformers' bitsandbytes integration does. A bare parameter count
     is treated as quantized throughout.
     """
@@ -150,9 +151,15 @@ def weight_component(model: Architecture | int, method: Method, precision: Preci
         return Component("weights", total * per + adapter_bytes, f"{_n(total)} x {_b(per)} ({base}){tail}")
     bits = f.nf4_bits_per_param(double_quant=precision.double_quant)
     quant = total if isinstance(model, int) else quantizable_params(model)
-    if base == "nf4":
+    if base == "nf4" and isinstance(model, int):
         dq = ", double quant" if precision.double_quant else ""
         qbytes, qrule = quant * bits / 8, f"{_n(quant)} x {bits:.3f} bits (nf4{dq})"
+    elif base == "nf4":  # per layer, partial blocks rounded up, plus the shared maps
+        dq = precision.double_quant
+        qbytes = model.layers * sum(f.nf4_layer_bytes(s.d_in * s.d_out, double_quant=dq)
+                                    for s in block_linears(model)) + f.nf4_map_bytes(dq)
+        qrule = (f"{_n(quant)} x {bits:.3f} bits (nf4{', double quant' if dq else ''}), counted per layer: "
+                 f"{8 * qbytes / max(quant, 1):.4f} bits with partial blocks and shared maps")
     else:
         rows = 0 if isinstance(model, int) else model.layers * sum(s.d_out for s in block_linears(model))
         qbytes, qrule = f.int8_bytes(quant, rows), f"{_n(quant)} x 1 B (int8) + fp32 scale per row"
@@ -193,7 +200,8 @@ def training_for(arch: Architecture, method: Method, precision: Precision, workl
         return Training(**common, first_trainable_layer=layers - method.trainable_layers)
     if name in ("lora", "qlora", "dora"):
         return Training(**common, first_trainable_layer=layers, lora_targets=targets_for(arch, method),
-                        lora_rank=method.rank, dora=name == "dora")
+                        lora_rank=method.rank, dora=name == "dora",
+                        quantized_base=precision.base_dtype(name) in f.QUANT_DTYPES)
     if name == "adapter":
         return Training(**common, first_trainable_layer=layers, adapter_dim=method.adapter_dim)
     return Training(**common, first_trainable_layer=layers, prompt_tokens=method.prompt_tokens)

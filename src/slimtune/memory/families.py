@@ -24,7 +24,8 @@ class Training:
     ``first_trainable_layer``: blocks from this index on train all their weights (0: all; ``layers``:
     none). ``lora_targets`` empty means no LoRA; ``adapter_dim`` 0 means no bottleneck adapters;
     ``prompt_tokens`` virtual tokens are prepended (prompt tuning). ``bpe``: bytes per activation
-    element (the compute dtype).
+    element (the compute dtype). ``quantized_base``: the frozen block linears are 4-bit layers
+    (QLoRA), which keep nothing for backward (:func:`activations.quantized_linear`).
     """
 
     batch: int
@@ -41,6 +42,7 @@ class Training:
     dora: bool = False
     adapter_dim: int = 0
     prompt_tokens: int = 0
+    quantized_base: bool = False
 
     @property
     def seq_total(self) -> int:
@@ -71,7 +73,10 @@ class SavedActivations:
 
 def _proj(g: Graph, x: Sym, spec: LinearSpec, t: Training, trains: bool) -> Sym:
     """A block linear, with a LoRA/DoRA branch when ``spec`` is targeted."""
-    y = ops.linear(g, x, spec.d_out, t.tokens, trains, t.bpe)
+    if t.quantized_base and not trains:
+        y = ops.quantized_linear(g, x, spec.d_out, t.tokens, t.bpe)
+    else:
+        y = ops.linear(g, x, spec.d_out, t.tokens, trains, t.bpe)
     if t.lora_targets and matches(spec, t.lora_targets):
         y = ops.lora_branch(g, x, y, t.lora_rank, t.tokens, t.bpe, dora=t.dora)
     return y

@@ -19,6 +19,29 @@ def nf4_bits_per_param(block: int = 64, double_quant: bool = True, block2: int =
     return 4.0 + 8.0 / block + 32.0 / (block * block2)
 
 
+def nf4_layer_bytes(weights: int, block: int = 64, double_quant: bool = True, block2: int = 256) -> int:
+    """Exact bytes of one NF4 matrix of ``weights`` values, as slimtune's ``Linear4bit`` (and
+    bitsandbytes) stores it: two 4-bit codes per byte, one absmax per ``block`` weights (a partial last
+    block counts whole) in 1 B (double quant) or 4 B, and with double quant one fp32 constant per
+    ``block2`` absmaxes (again rounded up) plus a 4 B fp32 offset. slimtune's quantizer pads the absmaxes
+    to whole ``block2`` groups before their 8-bit quantization and keeps the padded storage alive (the
+    layer's ``absmax`` is a view of it), so their bytes round up to a multiple of ``block2``.
+    Shared maps: :func:`nf4_map_bytes`. For large layers this tends to :func:`nf4_bits_per_param` / 8
+    per weight."""
+    blocks = -(-weights // block)
+    codes = (weights + 1) // 2
+    if not double_quant:
+        return codes + 4 * blocks
+    groups = -(-blocks // block2)
+    return codes + groups * block2 + 4 * groups + 4
+
+
+def nf4_map_bytes(double_quant: bool = True) -> int:
+    """The lookup tables every NF4 layer shares (held once per device): the 16 fp32 NF4 levels and,
+    with double quant, the 256 fp32 values of the 8-bit dynamic map for the absmaxes."""
+    return 16 * 4 + (256 * 4 if double_quant else 0)
+
+
 def int8_bytes(weights: int, rows: int) -> float:
     """LLM.int8 storage (Dettmers et al. 2022, arXiv:2208.07339; bitsandbytes ``Int8Params``):
     one byte per weight plus one fp32 scale per output row."""

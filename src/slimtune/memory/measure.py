@@ -10,8 +10,10 @@
 * on CUDA, also ``torch.cuda.max_memory_allocated`` over the step.
 
 The model is prepared for a method exactly as slimtune trains it (``prepare``): ``full`` trains
-everything, ``freeze`` the last blocks, ``lora`` goes through :func:`slimtune.injection`. (qlora is
-not measured yet: see :func:`prepare`.)
+everything, ``freeze`` the last blocks, ``lora`` goes through :func:`slimtune.injection`, ``qlora`` first turns the
+blocks' ``nn.Linear`` layers into NF4 ``Linear4bit`` (:func:`slimtune.quant.quantize_model`, compute dtype
+bf16), then injects LoRA. A 4-bit layer's weight bytes are its packed codes (a uint8 parameter) plus its
+statistics buffers (absmax, nested absmax, offset, the shared quant maps), all counted under ``weights``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def blocks_of(model: "nn.Module") -> "nn.ModuleList":
 def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Module":
     """Cast ``model`` to the compute dtype and set what trains for ``method``, in place.
 
-    Raises ValueError for a method not measured yet (qlora, dora, adapter, prompt-tuning).
+    qlora quantizes the block linears only (embeddings, norms and the output head stay in the compute
+    dtype, as the estimate assumes) and raises ValueError for a model whose blocks hold no ``nn.Linear``
+    (GPT-2's ``Conv1D``). Raises ValueError for a method not measured yet (dora, adapter, prompt-tuning).
     """
     import torch
 
@@ -85,15 +89,42 @@ def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Mod
                 for p in block.parameters():
                     p.requires_grad_(True)
         return model
-    if method.name == "lora":
+    if method.name in ("lora", "qlora"):
         import slimtune
 
+        if method.name == "qlora":
+            _quantize_blocks(model, dtype, precision.double_quant)
         slimtune.inject(model, slimtune.LoraConfig(r=method.rank, alpha=2 * method.rank, dropout=0.0,
                                                    target_modules=_lora_targets(method, model)))
         return model
-    raise ValueError(f"method={method.name!r}: cannot be measured yet; measurable: full, freeze, lora "
-                     "(qlora: slimtune keeps LoRA weights in fp32 on a 4-bit base and Linear4bit's saved "
-                     "tensors are not modelled yet)")
+    raise ValueError(f"method={method.name!r}: cannot be measured yet; measurable: full, freeze, lora, qlora")
+
+
+def _quantize_blocks(model: "nn.Module", dtype: "torch.dtype", double_quant: bool) -> None:
+    """NF4 for every ``nn.Linear`` inside the transformer blocks; every other linear is kept."""
+    from torch import nn
+
+    from slimtune.quant import quantize_model
+
+    blocks = blocks_of(model)
+    inside = {id(m) for m in blocks.modules()}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not any(id(m) in inside for _, m in linears):
+        raise ValueError(f"method='qlora': {type(model).__name__}'s blocks hold no nn.Linear to quantize "
+                         "(GPT-2 uses Conv1D); measurable for Llama/Mistral/Qwen2 and BERT")
+    keep = tuple(n for n, m in linears if id(m) not in inside) or ("lm_head",)
+    quantize_model(model, keep=keep, double_quant=double_quant, compute_dtype=dtype)
+
+
+def weight_tensors(model: "nn.Module") -> list["torch.Tensor"]:
+    """Every parameter, plus the statistics buffers of 4-bit layers (their codes are parameters)."""
+    from slimtune.quant import Linear4bit
+
+    tensors = list(model.parameters())
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            tensors += [b for b in m.buffers(recurse=False) if b is not None]
+    return tensors
 
 
 def _lora_targets(method: Method, model: "nn.Module") -> Any:
@@ -258,7 +289,7 @@ def measure_step(model: "nn.Module", method: Method, precision: Precision, workl
         activations += block_recompute_bytes(model, inputs)
     state = (t for s in optim.state.values() for t in s.values() if torch.is_tensor(t))
     return Measured(
-        weights=_unique_bytes(iter(list(model.parameters()))), gradients=grads,
+        weights=_unique_bytes(iter(weight_tensors(model))), gradients=grads,
         optimizer=_unique_bytes(state), activations=activations,
         trainable_params=sum(p.numel() for p in params), device=device, cuda_peak=peak,
     )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slimtune.config import PromptTuningConfig
+from slimtune.injection import _wrap_saved_modules, no_match_error
 from slimtune.layers.prompt import PromptEmbedding, prompt_inputs
 from slimtune.methods.freeze import TrainingReport
 
@@ -50,6 +51,9 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
     if hasattr(model, PROMPT_ATTR) or adapter_name in getattr(model, "slimtune_configs", {}):
         raise ValueError(f"adapter_name={adapter_name!r}: the model already has a prompt or adapter of that name; "
                          "slimtune supports one prompt per model")
+    for target in config.modules_to_save:  # every check before any change to the model
+        if not any(n == target or n.endswith("." + target) for n, _ in model.named_modules()):
+            raise no_match_error(model, target, "prompt.modules_to_save")
     emb = _word_embeddings(model)
     prompt = PromptEmbedding(config.num_virtual_tokens, emb.embedding_dim).to(emb.weight.device)
     if config.init == "text":
@@ -61,6 +65,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
         prompt.init_random(emb.weight, gen)
     for p in model.parameters():
         p.requires_grad_(False)
+    saved = _wrap_saved_modules(model, config, adapter_name)
     prompt.embedding.requires_grad_(True)
     model.add_module(PROMPT_ATTR, prompt)
     prompt.hook_handle = model.register_forward_pre_hook(_hook, with_kwargs=True)
@@ -69,7 +74,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
     model.slimtune_configs = configs
     model.slimtune_active = tuple(getattr(model, "slimtune_active", ())) + (adapter_name,)
     params = {id(p): p for p in model.parameters()}.values()
-    return TrainingReport("prompt", (f"{config.num_virtual_tokens} virtual tokens",),
+    return TrainingReport("prompt", (f"{config.num_virtual_tokens} virtual tokens",) + saved,
                           sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 

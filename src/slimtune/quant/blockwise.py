@@ -87,7 +87,9 @@ def quantize_blockwise(x: Tensor, code: Tensor, block_size: int = 256) -> tuple[
     grid_idx = scaled.add_(1.0).mul_(0.5).mul_(_LUT_SIZE - 1).add_(0.5).to(torch.int32)
     codes = _rounding_lut(code.to(x.device))[grid_idx.view(-1)].view(n_blocks, block_size)
     codes.masked_fill_((absmax == 0)[:, None], 0)
-    return codes.view(-1)[:n].view(x.shape), absmax
+    flat = codes.view(-1)
+    flat = flat[:n].clone() if n < flat.numel() else flat  # do not keep the padded block's bytes alive
+    return flat.view(x.shape), absmax
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Tensor, block_size: int = 256) -> Tensor:

@@ -284,18 +284,10 @@ def train_method(method: str, load: Callable[[], Any], tokenizer, train: dict[st
 # -- evaluation ------------------------------------------------------------------------------------
 
 def lm_evaluator(held: torch.Tensor, batch: int):
+    from slimtune.demo import heldout_loss  # blocks of equal length: the per-block mean is the per-token mean
+
     def evaluate(model) -> dict[str, float]:
-        was = model.training
-        model.eval()
-        tot, n = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(held), batch):
-                ids = held[i:i + batch]
-                tokens = ids.numel() - ids.shape[0]  # predicted tokens
-                tot += float(model(input_ids=ids, labels=ids).loss) * tokens
-                n += tokens
-        model.train(was)
-        return {"loss": tot / n}
+        return {"loss": heldout_loss(model, held, batch)}
     return evaluate
 
 

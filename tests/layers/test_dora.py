@@ -146,3 +146,28 @@ def test_dora_on_embedding_is_a_clear_error():
     with pytest.raises(TypeError, match=r"lora.use_dora=True: supported on linear layers only; "
                                         r"model.embed_tokens is a Embedding"):
         inject(tiny_llama(), LoraConfig(target_modules=("embed_tokens", "q_proj"), use_dora=True))
+
+
+def test_cached_base_norm_follows_changes_to_the_base_weight():
+    # ||W0|| per row is cached between steps; loading new base weights or merging another adapter must
+    # refresh it, or the output silently uses the old base's norm
+    model = tiny_llama()
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=("q_proj",), use_dora=True), "a")
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=("q_proj",), use_dora=True), "b")
+    randomize_dora(model)
+    slimtune.set_active(model, ["a", "b"])
+    logits(model)  # fills the caches
+    slimtune.merge(model, ["a"])  # W0 -> W0 + a's update, in place; b still runs unmerged on top
+    fresh = copy.deepcopy(model)
+    for _, layer in adapted_layers(fresh):
+        layer.adapters["b"]._w0_sq_cache = None
+    torch.testing.assert_close(logits(model), logits(fresh), atol=0, rtol=0)
+    layer = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.adapters["b"]._w0_sq_cache[1],
+                               torch.linalg.vector_norm(layer.base_layer.weight, dim=1).square())
+    with torch.no_grad():  # as load_state_dict does
+        model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+        fresh.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+    for _, layer in adapted_layers(fresh):
+        layer.adapters["b"]._w0_sq_cache = None
+    torch.testing.assert_close(logits(model), logits(fresh), atol=0, rtol=0)

@@ -93,14 +93,16 @@ class AdaptedLayer(nn.Module):
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {name!r} into {module_name or 'layer'} gives non-finite "
                                  "weights; the adapter is broken (NaN/inf) and was not merged")
-            weight.data.copy_(new)
+            with torch.no_grad():  # in place on the parameter itself: bumps its version counter for caches
+                weight.copy_(new)
             self.merged = self.merged + (name,)
 
     def unmerge(self, module_name: str = "") -> None:
         """Subtract merged adapters from the base weight, newest first. No-op when none is merged."""
         weight = _base_weight_param(self.base_layer, module_name) if self.merged else None
         for name in reversed(self.merged):
-            weight.data.copy_(self.adapters[name].unmerged_weight(weight.data, self.base_layer))
+            with torch.no_grad():
+                weight.copy_(self.adapters[name].unmerged_weight(weight.data, self.base_layer))
         self.merged = ()
 
     def extra_repr(self) -> str:

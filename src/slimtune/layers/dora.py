@@ -86,6 +86,7 @@ class DoraLinear(LoraLinear):
         super().__init__(W0.shape[1], W0.shape[0], r, alpha, dropout, use_rslora, init, fan_in_fan_out)
         self.magnitude = nn.Parameter(self._norm(base).detach().clone())
         self._merged_norm: Tensor | None = None  # norm of V when merged, to unmerge exactly
+        self._w0_sq_cache: tuple[tuple, Tensor] | None = None  # not state: recomputed when W0 changes
 
     def init_magnitude(self, base: nn.Module) -> None:
         """Reset m to ||W0 + s B A|| (after an init that changed A, B or W0), so step 0 equals the base."""
@@ -107,9 +108,18 @@ class DoraLinear(LoraLinear):
         with torch.no_grad():
             W0 = dense_weight(base)  # (d_out, d_in)
             W32 = W0 if W0.dtype == torch.float32 else W0.float()
-            w0_sq = torch.linalg.vector_norm(W32, dim=1).square()  # (d_out,)
             w0_at = W32 @ self.lora_A.float().T  # (d_out, r)
-            return merge_math.dora_norm_factored(w0_sq, w0_at, self.lora_A, self.lora_B, self.scale)
+            return merge_math.dora_norm_factored(self._w0_sq(base, W32), w0_at, self.lora_A, self.lora_B,
+                                                 self.scale)
+
+    def _w0_sq(self, base: nn.Module, W32: Tensor) -> Tensor:
+        """(d_out,) squared row norms of the frozen W0, cached until the stored weight changes (its data
+        pointer or in-place version counter: loading, merging, moving to another device)."""
+        w = base.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+        if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
+            self._w0_sq_cache = (key, torch.linalg.vector_norm(W32, dim=1).square())
+        return self._w0_sq_cache[1]
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module) -> Tensor:
         norm = self.factored_norm(base_layer)

@@ -174,3 +174,38 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="not a preset or an existing config.json"):
         estimate("llama-9")
     assert estimate(7e9, "lora", trainable=4_194_304).trainable_params == 4_194_304
+
+
+def test_dora_keeps_one_output_and_two_vectors_more_than_lora():
+    """slimtune's _DoraLinearFn saves x, A x and the fresh (tokens, d_out) y = (W0 + s B A) x, plus the
+    (d_out,) scale m / norm in the compute dtype and the fp32 norm; the base output itself is not kept."""
+    arch = presets.model("llama-2-7b")
+    w = Workload(2, 512)
+    lora = estimate(arch, "lora", workload=w)["activations"]
+    dora = estimate(arch, "dora", workload=w)["activations"]
+    tokens, q, v = 2 * 512, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    assert dora - lora == arch.layers * sum(tokens * d * 2 + d * (2 + 4) for d in (q, v))
+
+
+def test_relu_adapter_keeps_its_input_and_bottleneck_once():
+    """relu saves its output, which is also up's input: one (tokens, m) tensor per adapter, plus the
+    adapter's input (the wrapped projection's output, kept by nobody else in a frozen block)."""
+    arch = presets.model("llama-2-7b")
+    w = Workload(1, 256)
+    wide = estimate(arch, Method("adapter", adapter_dim=128), workload=w)["activations"]
+    narrow = estimate(arch, Method("adapter", adapter_dim=64), workload=w)["activations"]
+    assert wide - narrow == arch.layers * 2 * 256 * (128 - 64) * 2
+
+
+def test_prompt_tuning_counts_virtual_tokens_and_the_batch_1_gradient_view():
+    arch = presets.model("smollm2-135m")
+    one = estimate(arch, Method("prompt-tuning", prompt_tokens=20), workload=Workload(1, 64))
+    two = estimate(arch, Method("prompt-tuning", prompt_tokens=20), workload=Workload(2, 64))
+    assert one.trainable_params == two.trainable_params == 20 * arch.hidden
+    assert one["gradients"] == (20 + 64) * arch.hidden * 2  # the (1, n + s, h) input gradient, kept whole
+    assert two["gradients"] == 20 * arch.hidden * 2
+    assert "s=64 + 20 virtual" in next(c.rule for c in one.components if c.name == "activations")
+    longer = estimate(arch, Method("prompt-tuning", prompt_tokens=20), workload=Workload(2, 84))
+    # the blocks see 84 positions either way; only the loss's labels and the embedding lookups differ
+    assert abs(longer["activations"] - estimate(arch, Method("prompt-tuning", prompt_tokens=40),
+                                                workload=Workload(2, 64))["activations"]) < 0.01 * longer["activations"]

@@ -168,3 +168,16 @@ def test_injection_report_counts_quantized_weights_as_weights_not_bytes():
     a = slimtune.inject(plain, slimtune.LoraConfig(r=4, target_modules="all-linear"))
     b = slimtune.inject(quant, slimtune.LoraConfig(r=4, target_modules="all-linear"))
     assert b.trainable_params == a.trainable_params and b.total_params == a.total_params
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(48, 64), (37, 100), (576, 1536), (1, 33)])
+def test_layer_bytes_equal_the_memory_formula(shape, double_quant):
+    # the estimator's per-layer NF4 bytes must be what a Linear4bit really keeps (shared maps apart)
+    from slimtune.memory.formulas import nf4_layer_bytes
+
+    layer = Linear4bit.from_linear(torch.nn.Linear(shape[1], shape[0], bias=False), double_quant=double_quant)
+    shared = {"quant_map", "nested_quant_map"}
+    tensors = [layer.weight] + [b for n, b in layer.named_buffers() if n not in shared]
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    assert held == nf4_layer_bytes(shape[0] * shape[1], double_quant=double_quant)

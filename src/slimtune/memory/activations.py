@@ -90,22 +90,39 @@ def lora_branch(g: Graph, x: Sym, y: Sym, r: int, tokens: int, bpe: float, dora:
     not modelled (it is 0 here): with it, slimtune re-draws the mask in backward on CUDA (nothing kept)
     and keeps a 1-byte mask of x's size on CPU.
 
-    DoRA (Liu et al. 2024, as in PEFT's ``DoraLinearLayer``) also keeps the base output and the LoRA
-    output, (tokens, d_out) each, for the magnitude's gradient; the weight norm is detached.
+    DoRA (Liu et al. 2024) as slimtune runs it (``layers/dora.py``, ``_DoraLinearFn``): one custom
+    autograd function whose ``save_for_backward(x, A, B, xa, y, c, norm)`` keeps, besides the
+    parameters A and B, the layer input x, the (tokens, r) product ``xa``, the un-scaled adapted output
+    ``y = (W0 + s B A) x`` as a fresh (tokens, d_out) tensor (the base output itself is not kept), the
+    (d_out,) scale ``c = m / norm`` in the compute dtype and the (d_out,) fp32 row norm (detached,
+    recomputed every forward from (d_out, r) products).
     """
     mid = g.new(tokens * r, bpe, True, "lora_mid")
     g.save(x, mid)
     if dora:
-        g.save(y, g.new(y.numel, bpe, True, "dora_lora_out"))
+        d_out = y.numel // tokens
+        g.save(g.new(y.numel, bpe, True, "dora_y"), g.new(d_out, bpe, False, "dora_scale"),
+               g.new(d_out, FP32, False, "dora_norm"))
     return g.new(y.numel, bpe, True, "lora_out")
 
 
-def bottleneck_adapter(g: Graph, x: Sym, m: int, tokens: int, bpe: float) -> Sym:
-    """Houlsby et al. 2019 adapter ``x + up(act(down(x)))``: down saves x, the activation saves the
-    (tokens, m) down output, up saves the (tokens, m) activation output."""
+ADAPTER_NONLINEARITIES = ("relu", "gelu", "silu", "tanh")
+
+
+def bottleneck_adapter(g: Graph, x: Sym, m: int, tokens: int, bpe: float, nonlinearity: str = "relu") -> Sym:
+    """Houlsby et al. 2019 adapter ``x + s * up(act(down(x)))`` as slimtune's ``BottleneckAdapter``
+    runs it (``layers/bottleneck.py``; no dropout, the default): ``down`` (trainable) saves its input x,
+    the wrapped layer's output; ``up`` saves its input, the (tokens, m) activation output. ``relu``
+    (``BottleneckConfig``'s default) and ``tanh`` compute their gradient from that same output, so
+    nothing more is kept; ``gelu``/``silu`` also keep their input, the (tokens, m) down output. The
+    scalar scale, the cast (same dtype) and the residual add save nothing."""
+    if nonlinearity not in ADAPTER_NONLINEARITIES:
+        raise ValueError(f"nonlinearity={nonlinearity!r}: must be one of {', '.join(ADAPTER_NONLINEARITIES)}")
     down = g.new(tokens * m, bpe, True, "adapter_down")
     act = g.new(tokens * m, bpe, True, "adapter_act")
-    g.save(x, down, act)
+    g.save(x, act)
+    if nonlinearity in ("gelu", "silu"):
+        g.save(down)
     return g.new(x.numel, bpe, True, "adapter_out")
 
 

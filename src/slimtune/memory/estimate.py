@@ -168,11 +168,27 @@ def weight_component(model: Architecture | int, method: Method, precision: Preci
     return Component("weights", qbytes + rest * f.DTYPE_BYTES[compute] + adapter_bytes, qrule + rest_rule + tail)
 
 
-def gradient_component(method: Method, precision: Precision, trainable: int) -> Component:
-    """One gradient per trainable parameter, in ``grad_dtype``."""
+def gradient_component(method: Method, precision: Precision, trainable: int,
+                       model: Architecture | int | None = None, workload: Workload | None = None) -> Component:
+    """One gradient per trainable parameter, in ``grad_dtype``.
+
+    One exception, prompt tuning at batch 1 (given the architecture and workload): the hook feeds the
+    model ``cat([prompt.expand(1, n, h), embed(ids)])``. Backward of ``cat`` hands each input a narrow
+    view of the (1, n + s, h) gradient of ``inputs_embeds``; at batch 1 ``expand`` needs no sum and
+    ``unsqueeze`` a squeeze, so the prompt's gradient is still that view, contiguous, and
+    ``AccumulateGrad`` keeps it as ``.grad`` without a copy: the whole (n + s) x h storage stays
+    alive. From batch 2 on, expand's backward sums over the batch into a fresh (n, h) tensor.
+    """
     dtype = precision.gradient_dtype(method.name)
     per = f.DTYPE_BYTES[dtype]
-    return Component("gradients", trainable * per, f"{_n(trainable)} trainable x {_b(per)} ({dtype})")
+    rule = f"{_n(trainable)} trainable x {_b(per)} ({dtype})"
+    if (method.name == "prompt-tuning" and isinstance(model, Architecture) and workload is not None
+            and workload.batch == 1 and trainable == method.prompt_tokens * model.hidden):
+        rows = method.prompt_tokens + workload.seq
+        return Component("gradients", rows * model.hidden * per,
+                         f"{rule}, held in the (1, {rows}, {model.hidden}) input-embedding gradient it is a "
+                         f"view of (batch 1): {_n(rows * model.hidden)} x {_b(per)}")
+    return Component("gradients", trainable * per, rule)
 
 
 def optimizer_component(method: Method, precision: Precision, trainable: int) -> Component:
@@ -214,7 +230,8 @@ def activation_component(model: Architecture | int, method: Method, precision: P
         return Component("activations", 0.0, "unknown from a parameter count alone (give --model)")
     act = saved_activations(model, training_for(model, method, precision, workload))
     mib = 2**20
-    setting = (f"{model.family} graph, b={workload.batch} s={workload.seq}, {workload.attention}, "
+    virtual = f" + {method.prompt_tokens} virtual" if method.name == "prompt-tuning" else ""
+    setting = (f"{model.family} graph, b={workload.batch} s={workload.seq}{virtual}, {workload.attention}, "
                f"{precision.compute_dtype(method.name)}")
     if workload.checkpointing:
         rule = (f"{setting}, checkpointing: block inputs + outside {act.held / mib:.1f} MiB "
@@ -250,7 +267,7 @@ def estimate(model: ModelLike, method: Method | str = "full", precision: Precisi
     name = f"{resolved:,} params" if isinstance(resolved, int) else (resolved.name or "config.json")
     components = (
         weight_component(resolved, method, precision, trainable),
-        gradient_component(method, precision, trainable),
+        gradient_component(method, precision, trainable, resolved, workload),
         optimizer_component(method, precision, trainable),
         activation_component(resolved, method, precision, workload),
     )

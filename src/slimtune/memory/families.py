@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 from slimtune.memory import activations as ops
 from slimtune.memory.activations import INT64, Graph, Sym
-from slimtune.memory.arch import Architecture, LinearSpec, block_linears, matches
+from slimtune.memory.arch import Architecture, LinearSpec, block_linears, head_linears, matches
+
+# What ``measure.prepare`` and ``slimtune.BottleneckConfig`` use by default (a test checks they agree).
+ADAPTER_NONLINEARITY = "relu"
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,10 @@ class Training:
     """What the activation maths needs to know about one training step.
 
     ``first_trainable_layer``: blocks from this index on train all their weights (0: all; ``layers``:
-    none). ``lora_targets`` empty means no LoRA; ``adapter_dim`` 0 means no bottleneck adapters;
-    ``prompt_tokens`` virtual tokens are prepended (prompt tuning). ``bpe``: bytes per activation
-    element (the compute dtype). ``quantized_base``: the frozen block linears are 4-bit layers
+    none). ``lora_targets`` empty means no LoRA; ``adapter_dim`` 0 means no bottleneck adapters
+    (``adapter_nonlinearity``: their activation, relu as ``BottleneckConfig``); ``prompt_tokens``
+    virtual tokens are prepended (prompt tuning). ``bpe``: bytes per activation element (the compute
+    dtype). ``quantized_base``: the frozen block linears are 4-bit layers
     (QLoRA), which keep nothing for backward (:func:`activations.quantized_linear`).
     """
 
@@ -41,6 +45,7 @@ class Training:
     lora_rank: int = 8
     dora: bool = False
     adapter_dim: int = 0
+    adapter_nonlinearity: str = ADAPTER_NONLINEARITY
     prompt_tokens: int = 0
     quantized_base: bool = False
 
@@ -83,8 +88,11 @@ def _proj(g: Graph, x: Sym, spec: LinearSpec, t: Training, trains: bool) -> Sym:
 
 
 def _adapt(g: Graph, y: Sym, t: Training) -> Sym:
-    """A Houlsby bottleneck adapter after a sub-layer's output projection, when enabled."""
-    return ops.bottleneck_adapter(g, y, t.adapter_dim, t.tokens, t.bpe) if t.adapter_dim else y
+    """A bottleneck adapter on a sub-layer's output projection, when enabled. slimtune wraps the
+    projection itself (``AdaptedLayer``), so the adapter sees its raw output, before any dropout."""
+    if not t.adapter_dim:
+        return y
+    return ops.bottleneck_adapter(g, y, t.adapter_dim, t.tokens, t.bpe, t.adapter_nonlinearity)
 
 
 def _residual(g: Graph, a: Sym, b: Sym) -> Sym:
@@ -118,11 +126,11 @@ def gpt2_block(g: Graph, x: Sym, arch: Architecture, t: Training, trains: bool, 
     qkv = _proj(g, ops.layernorm(g, x, t.tokens, trains), attn_in, t, trains)
     shape = (t.batch, t.seq_total, arch.heads, arch.kv_heads, arch.head_dim)
     o = ops.attention(g, qkv, qkv, qkv, shape, t.attention, arch.attn_dropout, upcast_softmax=False)
-    o = ops.dropout(g, _proj(g, o, attn_out, t, trains), arch.hidden_dropout)
-    x = _residual(g, x, _adapt(g, o, t))
+    o = ops.dropout(g, _adapt(g, _proj(g, o, attn_out, t, trains), t), arch.hidden_dropout)
+    x = _residual(g, x, o)
     h = ops.activation(g, _proj(g, ops.layernorm(g, x, t.tokens, trains), fc, t, trains), arch.activation)
-    m = ops.dropout(g, _proj(g, h, fc_out, t, trains), arch.hidden_dropout)
-    return _residual(g, x, _adapt(g, m, t))
+    m = ops.dropout(g, _adapt(g, _proj(g, h, fc_out, t, trains), t), arch.hidden_dropout)
+    return _residual(g, x, m)
 
 
 def bert_block(g: Graph, x: Sym, arch: Architecture, t: Training, trains: bool, rope: tuple[Sym, Sym]) -> Sym:
@@ -132,33 +140,39 @@ def bert_block(g: Graph, x: Sym, arch: Architecture, t: Training, trains: bool, 
     q, k, v = (_proj(g, x, s, t, trains) for s in (q_l, k_l, v_l))
     shape = (t.batch, t.seq_total, arch.heads, arch.kv_heads, arch.head_dim)
     o = ops.attention(g, q, k, v, shape, t.attention, arch.attn_dropout, upcast_softmax=False)
-    o = _adapt(g, ops.dropout(g, _proj(g, o, o_l, t, trains), arch.hidden_dropout), t)
+    o = ops.dropout(g, _adapt(g, _proj(g, o, o_l, t, trains), t), arch.hidden_dropout)
     x = ops.layernorm(g, _residual(g, o, x), t.tokens, trains)
     h = ops.activation(g, _proj(g, x, fc, t, trains), arch.activation)
-    m = _adapt(g, ops.dropout(g, _proj(g, h, fc_out, t, trains), arch.hidden_dropout), t)
+    m = ops.dropout(g, _adapt(g, _proj(g, h, fc_out, t, trains), t), arch.hidden_dropout)
     return ops.layernorm(g, _residual(g, m, x), t.tokens, trains)
 
 
 def _embed(g: Graph, arch: Architecture, t: Training) -> Sym:
-    """Input embeddings (and, for prompt tuning, the trainable prompt concatenated in front).
+    """Input embeddings; for prompt tuning, the trainable prompt concatenated in front first.
 
     transformers' ``activation_checkpointing_enable`` calls ``enable_input_require_grads()``: the token
     embedding output then requires a gradient even when the table is frozen, so what follows it (BERT's
     embedding LayerNorm, GPT-2's dropout) saves tensors for backward.
+
+    Prompt tuning (``layers/prompt.py``, ``prompt_inputs``): the hook looks the real tokens up itself and
+    passes ``inputs_embeds = cat([prompt, embed(ids)])``, (b, n + s, h), which requires a gradient; the cat
+    saves nothing. The model then adds GPT-2's positions (n + s of them) or BERT's token-type and position
+    embeddings to all n + s rows, so the dropout mask and BERT's embedding LayerNorm cover them too.
     """
-    n_in = t.batch * t.seq  # real tokens; prompt vectors are added below
+    n_in = t.batch * t.seq  # real tokens
     ids = Sym("input_ids", n_in, INT64, False)
     x = ops.embedding(g, ids, arch.hidden, n_in, t.trains_embeddings, t.bpe)
     if t.checkpointing and not x.grad:
         x = Sym(x.key, x.numel, x.bpe, True)
-    if arch.family == "gpt2":  # + wpe(arange(seq)); position ids are a fresh (1, s) int64 tensor
-        ops.embedding(g, g.new(t.seq, INT64, False, "position_ids"), arch.hidden, t.seq, t.trains_embeddings, t.bpe)
-        x = ops.dropout(g, g.new(x.numel, t.bpe, x.grad, "embed_sum"), arch.hidden_dropout)
-    elif arch.family == "bert":  # + token-type and position lookups (indices are module buffers)
-        x = ops.layernorm(g, g.new(x.numel, t.bpe, x.grad, "embed_sum"), n_in, t.trains_embeddings)
-        x = ops.dropout(g, x, arch.hidden_dropout)
     if t.prompt_tokens:
         x = g.new(t.tokens * arch.hidden, t.bpe, True, "with_prompt")
+    if arch.family == "gpt2":  # + wpe(arange(seq)); position ids are a fresh (s,) int64 tensor
+        s = t.seq_total
+        ops.embedding(g, g.new(s, INT64, False, "position_ids"), arch.hidden, s, t.trains_embeddings, t.bpe)
+        x = ops.dropout(g, g.new(x.numel, t.bpe, x.grad, "embed_sum"), arch.hidden_dropout)
+    elif arch.family == "bert":  # + token-type and position lookups (indices are module buffers)
+        x = ops.layernorm(g, g.new(x.numel, t.bpe, x.grad, "embed_sum"), t.tokens, t.trains_embeddings)
+        x = ops.dropout(g, x, arch.hidden_dropout)
     return x
 
 
@@ -166,7 +180,10 @@ def _head(g: Graph, x: Sym, arch: Architecture, t: Training) -> None:
     """Final norm, output projection and loss. A tied output matrix trains with the embeddings."""
     head_w = t.trains_embeddings if arch.tie_embeddings else t.trains_head
     if arch.family == "bert":  # MLM head: dense, activation, LayerNorm, decoder; no upcast in the loss
-        x = ops.linear(g, x, arch.hidden, t.tokens, t.trains_head, t.bpe)
+        dense = head_linears(arch)[0]  # a LoRA/DoRA target too when the targets match it (all-linear)
+        y = ops.linear(g, x, arch.hidden, t.tokens, t.trains_head, t.bpe)
+        x = ops.lora_branch(g, x, y, t.lora_rank, t.tokens, t.bpe, dora=t.dora) \
+            if t.lora_targets and matches(dense, t.lora_targets) else y
         x = ops.layernorm(g, ops.activation(g, x, arch.activation), t.tokens, t.trains_head)
         logits = ops.linear(g, x, arch.vocab, t.tokens, head_w, t.bpe)
         logits = Sym(logits.key, logits.numel, logits.bpe, logits.grad or t.trains_head)  # decoder bias

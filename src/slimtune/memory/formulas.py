@@ -23,17 +23,14 @@ def nf4_layer_bytes(weights: int, block: int = 64, double_quant: bool = True, bl
     """Exact bytes of one NF4 matrix of ``weights`` values, as slimtune's ``Linear4bit`` (and
     bitsandbytes) stores it: two 4-bit codes per byte, one absmax per ``block`` weights (a partial last
     block counts whole) in 1 B (double quant) or 4 B, and with double quant one fp32 constant per
-    ``block2`` absmaxes (again rounded up) plus a 4 B fp32 offset. slimtune's quantizer pads the absmaxes
-    to whole ``block2`` groups before their 8-bit quantization and keeps the padded storage alive (the
-    layer's ``absmax`` is a view of it), so their bytes round up to a multiple of ``block2``.
-    Shared maps: :func:`nf4_map_bytes`. For large layers this tends to :func:`nf4_bits_per_param` / 8
+    ``block2`` absmaxes (again rounded up) plus a 4 B fp32 offset. Shared maps: :func:`nf4_map_bytes`. For large layers this tends to :func:`nf4_bits_per_param` / 8
     per weight."""
     blocks = -(-weights // block)
     codes = (weights + 1) // 2
     if not double_quant:
         return codes + 4 * blocks
     groups = -(-blocks // block2)
-    return codes + groups * block2 + 4 * groups + 4
+    return codes + blocks + 4 * groups + 4
 
 
 def nf4_map_bytes(double_quant: bool = True) -> int:

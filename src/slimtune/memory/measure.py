@@ -14,6 +14,12 @@ everything, ``freeze`` the last blocks, ``lora`` goes through :func:`slimtune.in
 blocks' ``nn.Linear`` layers into NF4 ``Linear4bit`` (:func:`slimtune.quant.quantize_model`, compute dtype
 bf16), then injects LoRA. A 4-bit layer's weight bytes are its packed codes (a uint8 parameter) plus its
 statistics buffers (absmax, nested absmax, offset, the shared quant maps), all counted under ``weights``.
+``dora`` injects LoRA with ``use_dora=True`` on the same targets (``DoraLinear``: nn.Linear and GPT-2's
+``Conv1D``); ``adapter`` injects ``BottleneckConfig(size=adapter_dim)`` with its defaults (an adapter on
+the attention and on the MLP output projection of every block, relu, no dropout); ``prompt-tuning``
+goes through :func:`slimtune.methods.prepare` with ``PromptTuningConfig(num_virtual_tokens=prompt_tokens)``,
+whose forward hook prepends the virtual tokens (the blocks see ``seq + prompt_tokens`` positions; the
+labels get -100 for them), and the prompt table is cast to the compute dtype with the model.
 """
 
 from __future__ import annotations
@@ -72,9 +78,18 @@ def blocks_of(model: "nn.Module") -> "nn.ModuleList":
 def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Module":
     """Cast ``model`` to the compute dtype and set what trains for ``method``, in place.
 
+    full/freeze choose trainable parameters; lora, qlora and dora go through :func:`slimtune.inject`
+    (``LoraConfig(r=rank, alpha=2 * rank, dropout=0)`` on ``method.targets`` or the family's default
+    targets, ``use_dora=True`` for dora); adapter through :func:`slimtune.inject` with
+    ``BottleneckConfig(size=adapter_dim)`` and its defaults (both positions, relu, no dropout, scale 1:
+    what the estimator models); prompt-tuning through :func:`slimtune.methods.prepare` with
+    ``PromptTuningConfig(num_virtual_tokens=prompt_tokens)``, after which the prompt table (created in
+    fp32 by ``inject_prompt``) is cast to the compute dtype like every other adapter. Adapters take the
+    compute dtype, as the estimate assumes.
+
     qlora quantizes the block linears only (embeddings, norms and the output head stay in the compute
     dtype, as the estimate assumes) and raises ValueError for a model whose blocks hold no ``nn.Linear``
-    (GPT-2's ``Conv1D``). Raises ValueError for a method not measured yet (dora, adapter, prompt-tuning).
+    (GPT-2's ``Conv1D``). Raises ValueError for a method it does not know.
     """
     import torch
 
@@ -89,15 +104,29 @@ def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Mod
                 for p in block.parameters():
                     p.requires_grad_(True)
         return model
-    if method.name in ("lora", "qlora"):
-        import slimtune
+    import slimtune
 
+    if method.name in ("lora", "qlora", "dora"):
         if method.name == "qlora":
             _quantize_blocks(model, dtype, precision.double_quant)
         slimtune.inject(model, slimtune.LoraConfig(r=method.rank, alpha=2 * method.rank, dropout=0.0,
-                                                   target_modules=_lora_targets(method, model)))
+                                                   target_modules=_lora_targets(method, model),
+                                                   use_dora=method.name == "dora"))
         return model
-    raise ValueError(f"method={method.name!r}: cannot be measured yet; measurable: full, freeze, lora, qlora")
+    if method.name == "adapter":
+        # BottleneckConfig's defaults otherwise (both positions, relu, no dropout, scale 1), which is
+        # what the estimator models (families.ADAPTER_NONLINEARITY).
+        slimtune.inject(model, slimtune.BottleneckConfig(size=method.adapter_dim))
+        return model
+    if method.name == "prompt-tuning":
+        from slimtune.config import PromptTuningConfig
+        from slimtune.methods import prepare as prepare_method
+
+        prepare_method(model, PromptTuningConfig(num_virtual_tokens=method.prompt_tokens))
+        # inject_prompt creates the table in fp32; like inject's adapters, it takes the compute dtype.
+        return model.to(dtype)
+    raise ValueError(f"method={method.name!r}: cannot be measured; measurable: full, freeze, lora, qlora, "
+                     "dora, adapter, prompt-tuning")
 
 
 def _quantize_blocks(model: "nn.Module", dtype: "torch.dtype", double_quant: bool) -> None:
@@ -208,6 +237,20 @@ def block_recompute_bytes(model: "nn.Module", inputs: dict[str, "torch.Tensor"])
     return max(sum(d.values()) for d in per_block)
 
 
+def _check_positions(model: "nn.Module", method: Method, workload: Workload) -> None:
+    """GPT-2 and BERT learn one embedding per position: the sequence, virtual tokens included, must fit."""
+    from slimtune.memory.arch import family_of
+
+    cfg = model.config
+    if family_of(cfg.model_type) not in ("gpt2", "bert"):
+        return
+    virtual = method.prompt_tokens if method.name == "prompt-tuning" else 0
+    limit = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+    if workload.seq + virtual > limit:
+        what = f"workload.seq={workload.seq}" + (f" + method.prompt_tokens={virtual}" if virtual else "")
+        raise ValueError(f"{what}: more positions than the model's {limit} position embeddings")
+
+
 def _enable_checkpointing(model: "nn.Module") -> None:
     # Non-reentrant, as the estimator assumes: each block keeps its input, nothing else. transformers 5
     # renamed gradient_checkpointing_* to activation_checkpointing_*; both make the input embeddings'
@@ -252,7 +295,7 @@ def measure_step(model: "nn.Module", method: Method, precision: Precision, workl
 
     The model must be a Hugging Face model taking ``input_ids`` and ``labels``. Raises ValueError for
     settings this machine cannot train (fp32 master weights, 8-bit optimizers, a CUDA workload on a
-    machine without CUDA) or a method slimtune cannot train yet.
+    machine without CUDA) or a method it cannot prepare (qlora on GPT-2's ``Conv1D`` blocks).
     """
     import torch
 
@@ -261,6 +304,7 @@ def measure_step(model: "nn.Module", method: Method, precision: Precision, workl
     device = "cuda" if workload.device == "cuda" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': CUDA is not available on this machine")
+    _check_positions(model, method, workload)
     model = prepare(model, method, precision).to(device).train()
     model.config._attn_implementation = workload.attention
     if workload.checkpointing:

@@ -27,6 +27,8 @@ def demo(
     lr: float = typer.Option(1e-3, help="AdamW learning rate"),
     batch: int = typer.Option(8, min=1), seq: int = typer.Option(64, min=8),
     quick: bool = typer.Option(False, help="2 training plays, a small held-out set, short generations"),
+    qlora: bool = typer.Option(False, "--qlora", help="QLoRA: load the base in NF4 (4.127 bits per weight) and "
+                                                      "train the adapter on top (not with freeze/full)"),
     out: Path = typer.Option(Path("runs/demo"), help="where the adapter folder is written"),
 ) -> None:
     """Fine-tune the real SmolLM2-135M on Shakespeare: report, loss, generations, adapter file."""
@@ -34,8 +36,11 @@ def demo(
     from slimtune.demo import run_demo
 
     sizes = dict(train_plays=2, heldout_blocks=8, new_tokens=8) if quick else {}
-    run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out,
-             config=load_config(config) if config else None, **sizes)
+    try:
+        run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out,
+                 config=load_config(config) if config else None, qlora=qlora, **sizes)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The demo recipe: LoRA on the real SmolLM2-135M, trained on Shakespeare on this machine.
+"""The demo recipe: LoRA (or any method; QLoRA on a 4-bit base) on the real SmolLM2-135M, trained on
+Shakespeare on this machine.
 
 It shows the whole loop a user cares about: what LoRA wraps and how many parameters train, the
 memory that saves, the loss falling, a generation before and after, and an adapter file of a few
@@ -68,20 +69,26 @@ def default_config(rank: int = 8, alpha: float = 16.0) -> slimtune.LoraConfig:
 def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e-3, batch: int = 8,
              seq: int = 64, out_dir: str | Path = "runs/demo", seed: int = 0, log=print,
              train_plays: int = 12, heldout_blocks: int = 48, new_tokens: int = 40,
-             config=None) -> DemoResult:
-    """Train ``config``'s method (default: LoRA r=``rank`` on all linear layers) on the real SmolLM2-135M."""
+             config=None, qlora: bool = False) -> DemoResult:
+    """Train ``config``'s method (default: LoRA r=``rank`` on all linear layers) on the real SmolLM2-135M.
+
+    ``qlora``: load the base with its linear layers in NF4 (``slimtune.load_quantized``) and train the
+    adapter on top. Raises ValueError for ``qlora`` with freeze/full, which train the (4-bit) base itself.
+    """
+    config = config or default_config(rank, alpha)
+    if qlora and config.method in ("freeze", "full"):
+        raise ValueError(f"qlora=True with method={config.method!r}: {config.method} tuning trains the base "
+                         "weights, which are 4-bit and frozen under QLoRA; use lora, dora, bottleneck or prompt")
     torch.manual_seed(seed)
     t0 = time.time()
-    model, tokenizer = load_smollm2()
-    log(f"loaded SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()):,} params) "
-        f"in {time.time() - t0:.1f}s")
+    model, tokenizer = _load_base(qlora, log)
+    log(f"loaded SmolLM2-135M-Instruct{' in NF4' if qlora else ''} in {time.time() - t0:.1f}s")
     train_text = "".join(shakespeare_text(p.stem) for p in _train_plays(train_plays))
     train = token_blocks(tokenizer, train_text, seq)
     heldout = token_blocks(tokenizer, shakespeare_text(HELD_OUT_PLAY), seq, max_blocks=heldout_blocks)
     log(f"data: {len(train):,} training blocks of {seq} tokens; held out: {HELD_OUT_PLAY} ({len(heldout)} blocks)")
     log(f"\nbefore training, {PROMPT.strip()!r} ->\n{generate(model, tokenizer, PROMPT, new_tokens)}\n")
 
-    config = config or default_config(rank, alpha)
     report = slimtune.prepare(model, config, tokenizer=tokenizer)
     log(str(report))
     log(memory_saving(report.total_params - report.trainable_params, report.trainable_params, config.method) + "\n")
@@ -98,7 +105,7 @@ def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e
         return DemoResult(before, after, tuple(losses), 0, 0.0)
     folder = slimtune.save_adapter(model, Path(out_dir) / "adapter", base_model_name_or_path="SmolLM2-135M-Instruct")
     size = sum(f.stat().st_size for f in folder.iterdir())
-    diff = _reload_check(model, folder, heldout[:2])
+    diff = _reload_check(model, folder, heldout[:2], qlora)
     log(f"saved adapter to {folder} ({size / 1e6:.2f} MB); reloaded onto a fresh base: max logit diff {diff:.2e}")
     return DemoResult(before, after, tuple(losses), size, diff)
 
@@ -128,8 +135,20 @@ def _train(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, batch:
     return losses
 
 
-def _reload_check(model: nn.Module, folder: Path, sample: torch.Tensor) -> float:
-    fresh, _ = load_smollm2()
+def _load_base(qlora: bool, log) -> tuple[nn.Module, object]:
+    if not qlora:
+        return load_smollm2()
+    from transformers import AutoTokenizer
+
+    from slimtune.assets import smollm2_path
+
+    model, report = slimtune.load_quantized(smollm2_path())
+    log(str(report))
+    return model.eval(), AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def _reload_check(model: nn.Module, folder: Path, sample: torch.Tensor, qlora: bool = False) -> float:
+    fresh, _ = _load_base(qlora, lambda _: None)
     slimtune.load_adapter(fresh, folder)
     with torch.no_grad():
         return (fresh(input_ids=sample).logits - model(input_ids=sample).logits).abs().max().item()

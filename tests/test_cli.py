@@ -29,6 +29,11 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_qlora_with_a_method_that_trains_the_base_is_refused_before_loading():
+    result = runner.invoke(app, ["demo", "--qlora", "--config", "configs/full.yaml"])
+    assert result.exit_code == 2 and "--qlora" in result.output and "4-bit" in result.output
+
+
 @pytest.mark.slow
 def test_inspect_prints_the_report_for_the_real_model():
     result = runner.invoke(app, ["inspect", "--targets", "q_proj,v_proj", "--rank", "8"])

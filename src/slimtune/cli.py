@@ -33,14 +33,16 @@ def demo(
 ) -> None:
     """Fine-tune the real SmolLM2-135M on Shakespeare: report, loss, generations, adapter file."""
     from slimtune.config import load_config
-    from slimtune.demo import run_demo
+    from slimtune.demo import check_qlora, run_demo
 
     sizes = dict(train_plays=2, heldout_blocks=8, new_tokens=8) if quick else {}
+    cfg = load_config(config) if config else None
     try:
-        run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out,
-                 config=load_config(config) if config else None, qlora=qlora, **sizes)
+        check_qlora(cfg, qlora)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        raise typer.BadParameter(str(e), param_hint="--qlora") from None
+    run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out, config=cfg,
+             qlora=qlora, **sizes)
 
 
 @app.command()

@@ -76,9 +76,7 @@ def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e
     adapter on top. Raises ValueError for ``qlora`` with freeze/full, which train the (4-bit) base itself.
     """
     config = config or default_config(rank, alpha)
-    if qlora and config.method in ("freeze", "full"):
-        raise ValueError(f"qlora=True with method={config.method!r}: {config.method} tuning trains the base "
-                         "weights, which are 4-bit and frozen under QLoRA; use lora, dora, bottleneck or prompt")
+    check_qlora(config, qlora)
     torch.manual_seed(seed)
     t0 = time.time()
     model, tokenizer = _load_base(qlora, log)
@@ -133,6 +131,13 @@ def _train(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, batch:
             log(f"  step {step:>4}/{steps}  loss {loss.item():.3f}  ({(time.time() - t0) / step:.2f}s/step)")
     model.eval()
     return losses
+
+
+def check_qlora(config, qlora: bool) -> None:
+    """Raise ValueError when ``qlora`` is asked with a method that trains the (then 4-bit) base."""
+    if qlora and config is not None and config.method in ("freeze", "full"):
+        raise ValueError(f"qlora=True with method={config.method!r}: {config.method} tuning trains the base "
+                         "weights, which are 4-bit and frozen under QLoRA; use lora, dora, bottleneck or prompt")
 
 
 def _load_base(qlora: bool, log) -> tuple[nn.Module, object]:

@@ -6,6 +6,7 @@ import importlib
 import os
 import platform
 import resource
+import time
 from pathlib import Path
 
 
@@ -52,3 +53,12 @@ def own_peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: best available
+
+
+def train_step(model, opt, ids) -> float:
+    """One causal-LM training step (forward with labels = inputs, backward, optimizer step); seconds."""
+    t0 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0

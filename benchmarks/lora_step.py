@@ -20,11 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _common import machine, own_peak_rss
+from _common import machine, own_peak_rss, train_step
 
 BATCH, SEQ, RANK, ALPHA, LR = 4, 128, 16, 32, 1e-4
 RESULTS = Path(__file__).parent / "results" / "lora_step.md"
@@ -59,15 +58,6 @@ def build(impl: str, dropout: float):
     return model, torch.optim.AdamW(params, lr=LR)
 
 
-def step(model, opt, ids: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
 def saved_for_backward_bytes(model, ids: torch.Tensor) -> int:
     """Unique storages autograd saves during one forward, parameters excluded."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -88,7 +78,7 @@ def saved_for_backward_bytes(model, ids: torch.Tensor) -> int:
 
 def component_bytes(model, opt, ids: torch.Tensor) -> dict[str, int]:
     params = {id(p): p for p in model.parameters()}.values()
-    step(model, opt, ids)  # optimizer state exists after one step
+    train_step(model, opt, ids)  # optimizer state exists after one step
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
@@ -106,7 +96,7 @@ def worker(impl: str, dropout: float, steps: int) -> None:
     ids = batch_of_text()
     model, opt = build(impl, dropout)
     for _ in range(steps):
-        step(model, opt, ids)
+        train_step(model, opt, ids)
     print(json.dumps({"peak_rss": own_peak_rss()}))
 
 
@@ -120,12 +110,12 @@ def compare(dropout: float, rounds: int, ids: torch.Tensor) -> dict[str, dict]:
     models = {impl: build(impl, dropout) for impl in ("slimtune", "peft")}
     result = {impl: component_bytes(m, o, ids) for impl, (m, o) in models.items()}
     for impl, (m, o) in models.items():  # warm-up
-        step(m, o, ids)
+        train_step(m, o, ids)
     times: dict[str, list[float]] = {"slimtune": [], "peft": []}
     for r in range(rounds):
         order = ("slimtune", "peft") if r % 2 == 0 else ("peft", "slimtune")
         for impl in order:
-            times[impl].append(step(*models[impl], ids))
+            times[impl].append(train_step(*models[impl], ids))
     for impl in times:
         result[impl]["step_s"] = statistics.median(times[impl])
         result[impl]["peak_rss"] = peak_rss(impl, dropout, 3)

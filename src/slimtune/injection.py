@@ -23,6 +23,7 @@ from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.layers.bottleneck import BottleneckAdapter, position_of
 from slimtune.layers.dora import DoraLinear, dense_weight
 from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
+from slimtune.params import ParamCounts, count_params
 
 AdapterConfig = LoraConfig | BottleneckConfig
 
@@ -40,7 +41,7 @@ class WrappedModule:
 
 
 @dataclass(frozen=True)
-class InjectionReport:
+class InjectionReport(ParamCounts):
     """What ``inject`` did: modules wrapped, and trainable vs total parameters after it."""
 
     adapter_name: str
@@ -49,10 +50,6 @@ class InjectionReport:
     saved_modules: tuple[str, ...]
     trainable_params: int
     total_params: int
-
-    @property
-    def trainable_percent(self) -> float:
-        return 100.0 * self.trainable_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
         lines = [f"slimtune {self.method} adapter {self.adapter_name!r}: wrapped {len(self.wrapped)} modules"]
@@ -63,8 +60,7 @@ class InjectionReport:
             lines.append(f"  {w.name:<48} {w.kind:<10} {'x'.join(map(str, w.shape)):<14} r={w.r:<4} +{w.params:,}")
         if self.saved_modules:
             lines.append(f"  trained fully and saved with the adapter: {', '.join(self.saved_modules)}")
-        lines.append(f"trainable params: {self.trainable_params:,} / {self.total_params:,} "
-                     f"({self.trainable_percent:.4f}%)")
+        lines.append(self.counts_line())
         return "\n".join(lines)
 
 
@@ -262,17 +258,6 @@ def _apply_bias_mode(model: nn.Module, cfg: LoraConfig, wrapped: list[str]) -> N
                 bias.requires_grad_(True)
 
 
-def _count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a packed quantized weight counts as the weights it holds."""
-    params = {id(p): p for p in model.parameters()}
-    sizes = {k: p.numel() for k, p in params.items()}
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if callable(getattr(m, "dequantize", None)) and id(w) in sizes and not w.is_floating_point():
-            sizes[id(w)] = m.in_features * m.out_features
-    return sum(sizes[k] for k, p in params.items() if p.requires_grad), sum(sizes.values())
-
-
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> InjectionReport:
     """Wrap every layer ``config`` targets with a new adapter named ``adapter_name``, in place.
 
@@ -322,7 +307,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     model.slimtune_active = tuple(getattr(model, "slimtune_active", tuple(configs))) + (adapter_name,)
     configs[adapter_name] = config
     model.slimtune_configs = configs
-    trainable, total = _count(model)
+    trainable, total = count_params(model)
     method = "dora" if getattr(config, "use_dora", False) else config.method
     return InjectionReport(adapter_name, method, tuple(wrapped), saved, trainable, total)
 

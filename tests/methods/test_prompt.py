@@ -121,3 +121,11 @@ def test_prompt_modules_to_save_that_match_nothing_leave_the_model_untouched():
     with pytest.raises(ValueError, match="prompt.modules_to_save"):
         prepare(bert, PromptTuningConfig(num_virtual_tokens=N, modules_to_save=("clasifier",)))
     assert all(p.requires_grad for p in bert.parameters()) and prompt_of(bert) is None
+
+
+def test_prompt_report_on_a_4bit_base_counts_weights_not_packed_bytes():
+    plain = prepare(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N))
+    quantized = tiny_llama()
+    slimtune.quantize_model(quantized)
+    report = prepare(quantized, PromptTuningConfig(num_virtual_tokens=N))
+    assert (report.trainable_params, report.total_params) == (plain.trainable_params, plain.total_params)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from slimtune.config import FreezeConfig, FullConfig
+from slimtune.params import ParamCounts, count_params
 
 BLOCK_LIST_NAMES = ("layers", "h", "layer", "blocks", "block")
 
 
 @dataclass(frozen=True)
-class TrainingReport:
+class TrainingReport(ParamCounts):
     """Which modules train, and trainable vs total parameters, for a method that adds no adapter."""
 
     method: str
@@ -25,14 +26,9 @@ class TrainingReport:
     trainable_params: int
     total_params: int
 
-    @property
-    def trainable_percent(self) -> float:
-        return 100.0 * self.trainable_params / max(self.total_params, 1)
-
     def __str__(self) -> str:
         shown = ", ".join(self.trained[:8]) + (f", ... {len(self.trained) - 8} more" if len(self.trained) > 8 else "")
-        return (f"slimtune {self.method}: training {shown or 'everything'}\n"
-                f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({self.trainable_percent:.4f}%)")
+        return f"slimtune {self.method}: training {shown or 'everything'}\n{self.counts_line()}"
 
 
 def find_blocks(model: nn.Module, layers_pattern: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -46,11 +42,6 @@ def find_blocks(model: nn.Module, layers_pattern: str | None = None) -> tuple[st
         raise ValueError(f"freeze.layers_pattern={layers_pattern!r}: no block list named {' / '.join(wanted)} in "
                          f"{type(model).__name__}; module lists found: {found}")
     return max(hits, key=lambda nm: len(nm[1]))
-
-
-def _count(model: nn.Module) -> tuple[int, int]:
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def _match_modules(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -83,7 +74,7 @@ def apply_freeze(model: nn.Module, config: FreezeConfig) -> TrainingReport:
     for name in trained:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    return TrainingReport("freeze", tuple(trained), *_count(model))
+    return TrainingReport("freeze", tuple(trained), *count_params(model))
 
 
 def apply_full(model: nn.Module, config: FullConfig) -> TrainingReport:
@@ -99,4 +90,4 @@ def apply_full(model: nn.Module, config: FullConfig) -> TrainingReport:
         for p in emb.parameters():
             p.requires_grad_(False)  # tied with the LM head in many models: that stays frozen too
         trained = ("everything but the input embedding",)
-    return TrainingReport("full", trained, *_count(model))
+    return TrainingReport("full", trained, *count_params(model))

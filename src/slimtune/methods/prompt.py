@@ -15,6 +15,7 @@ from slimtune.config import PromptTuningConfig
 from slimtune.injection import _wrap_saved_modules, no_match_error
 from slimtune.layers.prompt import PromptEmbedding, prompt_inputs
 from slimtune.methods.freeze import TrainingReport
+from slimtune.params import count_params
 
 PROMPT_ATTR = "slimtune_prompt"
 
@@ -73,9 +74,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
     configs[adapter_name] = config
     model.slimtune_configs = configs
     model.slimtune_active = tuple(getattr(model, "slimtune_active", ())) + (adapter_name,)
-    params = {id(p): p for p in model.parameters()}.values()
-    return TrainingReport("prompt", (f"{config.num_virtual_tokens} virtual tokens",) + saved,
-                          sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    return TrainingReport("prompt", (f"{config.num_virtual_tokens} virtual tokens",) + saved, *count_params(model))
 
 
 def remove_prompt(model: nn.Module) -> None:

@@ -59,17 +59,11 @@ def build(impl: str, dropout: float):
 
 
 def saved_for_backward_bytes(model, ids: torch.Tensor) -> int:
-    """Unique storages autograd saves during one forward, parameters excluded."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Unique storages autograd saves during one forward, parameters and buffers excluded."""
+    from slimtune.memory.measure import saved_storages
+
     storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs and s.data_ptr() != 0:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(model, storages):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     model.zero_grad(set_to_none=True)

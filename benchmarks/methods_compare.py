@@ -191,14 +191,6 @@ def describe(method: str, classifier: bool) -> str:
             "prompt": f"{N_VIRTUAL} virtual tokens, random init{head}"}[method]
 
 
-def unique_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen.setdefault(s.data_ptr(), s.nbytes())
-    return sum(seen.values())
-
-
 def is_head(name: str) -> bool:
     return name == "classifier" or name.startswith("classifier.")
 
@@ -216,7 +208,7 @@ def train_method(method: str, load: Callable[[], Any], tokenizer, train: dict[st
                  evaluate: Callable[[Any], dict[str, float]], spec: TaskSpec, classifier: bool, seed: int,
                  head_lr: float, log, base_before: dict[str, float], check_inputs: dict[str, torch.Tensor],
                  base_logits: torch.Tensor) -> tuple[Result, Any]:
-    from slimtune.memory.measure import saved_storages
+    from slimtune.memory.measure import saved_storages, unique_bytes
     from slimtune.methods import prepare
 
     t_start = time.perf_counter()

@@ -50,8 +50,8 @@ class _LoraLinearFn(torch.autograd.Function):
         del xd
         out2 = base_out.reshape(-1, base_out.shape[-1])  # (T, d_out)
         out = torch.addmm(out2, xa.to(out2.dtype), B.T.to(out2.dtype))  # (T, d_out)
-        ctx.keep_saved = keep is not None and x.device.type in SAVE_MASK_ON
-        ctx.save_for_backward(x, A, B, xa, *((keep,) if ctx.keep_saved else ()))
+        save_keep = keep is not None and x.device.type in SAVE_MASK_ON
+        ctx.save_for_backward(x, A, B, xa, *((keep,) if save_keep else ()))
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         return out.view(base_out.shape)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from slimtune.memory.spec import Method, Precision, Workload
 
@@ -269,7 +269,8 @@ def _disable_checkpointing(model: "nn.Module") -> None:
         model.gradient_checkpointing_disable()
 
 
-def _unique_bytes(tensors: Iterator["torch.Tensor"]) -> int:
+def unique_bytes(tensors: Iterable["torch.Tensor"]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared storages counted once)."""
     storages: dict[int, int] = {}
     for t in tensors:
         s = t.untyped_storage()
@@ -325,7 +326,7 @@ def measure_step(model: "nn.Module", method: Method, precision: Precision, workl
         else:
             loss = model(**inputs).loss
         loss.backward()
-        grads = _unique_bytes(p.grad for p in params if p.grad is not None)
+        grads = unique_bytes(p.grad for p in params if p.grad is not None)
         optim.step()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     activations = sum(saved.values())
@@ -333,7 +334,7 @@ def measure_step(model: "nn.Module", method: Method, precision: Precision, workl
         activations += block_recompute_bytes(model, inputs)
     state = (t for s in optim.state.values() for t in s.values() if torch.is_tensor(t))
     return Measured(
-        weights=_unique_bytes(iter(weight_tensors(model))), gradients=grads,
-        optimizer=_unique_bytes(state), activations=activations,
+        weights=unique_bytes(iter(weight_tensors(model))), gradients=grads,
+        optimizer=unique_bytes(state), activations=activations,
         trainable_params=sum(p.numel() for p in params), device=device, cuda_peak=peak,
     )

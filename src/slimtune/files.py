@@ -28,6 +28,7 @@ from slimtune.control import adapted_layers, delete_adapter
 from slimtune.injection import inject
 from slimtune.layers.base import TrainedCopy
 from slimtune.methods.prompt import inject_prompt, prompt_of
+from slimtune.names import suffix_match
 from slimtune.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -325,5 +326,5 @@ def _present_modules_to_save(model: nn.Module, config: Any) -> Any:
     one; so do we."""
     names = [n for n, _ in model.named_modules()]
     keep = tuple(t for t in dict.fromkeys(config.modules_to_save)
-                 if any(n == t or n.endswith("." + t) for n in names))
+                 if any(suffix_match(n, (t,)) for n in names))
     return dataclasses.replace(config, modules_to_save=keep)

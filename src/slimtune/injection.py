@@ -23,6 +23,7 @@ from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.layers.bottleneck import BottleneckAdapter, position_of
 from slimtune.layers.dora import DoraLinear, dense_weight
 from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
+from slimtune.names import suffix_match
 from slimtune.params import ParamCounts, count_params
 
 AdapterConfig = LoraConfig | BottleneckConfig
@@ -152,10 +153,6 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
     return False
 
 
-def _suffix_match(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def output_head_names(model: nn.Module) -> set[str]:
     """Names excluded from "all-linear", as Hugging Face PEFT does: the output embedding (LM head), or
     for a model without one, a classification head called ``score`` or ``classifier``."""
@@ -179,7 +176,7 @@ def build_matcher(model: nn.Module, cfg: AdapterConfig) -> Callable[[str, nn.Mod
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
         else:
-            hit = _suffix_match(name, tm)
+            hit = suffix_match(name, tm)
         return hit or type(base).__name__ in cfg.target_types
 
     def in_layers(name: str) -> bool:
@@ -191,7 +188,7 @@ def build_matcher(model: nn.Module, cfg: AdapterConfig) -> Callable[[str, nn.Mod
         return m is not None and int(m.group(1)) in cfg.layers_to_transform
 
     def match(name: str, module: nn.Module) -> bool:
-        return (by_target(name, _base_of(module)) and not _suffix_match(name, cfg.exclude_modules)
+        return (by_target(name, _base_of(module)) and not suffix_match(name, cfg.exclude_modules)
                 and in_layers(name))
 
     return match
@@ -226,9 +223,9 @@ def _wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) ->
     saved = []
     for target in cfg.modules_to_save:
         hits = [n for n, m in model.named_modules()
-                if n and _suffix_match(n, (target,)) and not isinstance(m, AdaptedLayer)
+                if n and suffix_match(n, (target,)) and not isinstance(m, AdaptedLayer)
                 and not _inside_wrapper(model, n)]
-        hits += [n for n, m in model.named_modules() if isinstance(m, TrainedCopy) and _suffix_match(n, (target,))]
+        hits += [n for n, m in model.named_modules() if isinstance(m, TrainedCopy) and suffix_match(n, (target,))]
         if not hits:
             raise no_match_error(model, target, f"{cfg.method}.modules_to_save")
         for name in hits:

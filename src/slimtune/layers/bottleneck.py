@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimtune.names import suffix_match
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 NOT_MERGEABLE = ("a bottleneck adapter applies a nonlinearity to the layer's output, so it is not a weight "
@@ -87,11 +89,8 @@ def position_of(name: str) -> str | None:
     BERT-style encoders name the MLP output ``layer.N.output.dense`` and the attention output
     ``layer.N.attention.output.dense``; both end in ``output.dense``.
     """
-    def ends(suffixes: tuple[str, ...]) -> bool:
-        return any(name == s or name.endswith("." + s) for s in suffixes)
-
-    if ends(_ATTENTION_OUT):
+    if suffix_match(name, _ATTENTION_OUT):
         return "attention"
-    if ends(_MLP_OUT) or (name.endswith(".output.dense") and not name.endswith("attention.output.dense")):
+    if suffix_match(name, _MLP_OUT) or (name.endswith(".output.dense") and not name.endswith("attention.output.dense")):
         return "mlp"
     return None

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimtune.names import suffix_match
+
 FAMILIES = ("llama", "gpt2", "bert")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bert": "bert"}
@@ -164,7 +166,7 @@ def matches(spec: LinearSpec, targets: tuple[str, ...]) -> bool:
     """PEFT-style matching: ``all-linear`` or a target equal to the path or its last component(s)."""
     if "all-linear" in targets:
         return True
-    return any(spec.path == t or spec.path.endswith("." + t) for t in targets)
+    return suffix_match(spec.path, targets)
 
 
 def targeted_linears(arch: Architecture, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:

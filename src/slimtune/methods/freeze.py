@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from slimtune.config import FreezeConfig, FullConfig
+from slimtune.names import suffix_match
 from slimtune.params import ParamCounts, count_params
 
 BLOCK_LIST_NAMES = ("layers", "h", "layer", "blocks", "block")
@@ -48,7 +49,7 @@ def _match_modules(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     out = []
     for t in targets:
-        hits = [n for n in names if n == t or n.endswith("." + t)]
+        hits = [n for n in names if suffix_match(n, (t,))]
         if not hits:
             near = difflib.get_close_matches(t, names + sorted({n.rsplit(".", 1)[-1] for n in names}), n=3, cutoff=0.5)
             raise ValueError(f"freeze.modules={t!r} matches no module in {type(model).__name__}; "

@@ -15,6 +15,7 @@ from slimtune.config import PromptTuningConfig
 from slimtune.injection import _wrap_saved_modules, no_match_error
 from slimtune.layers.prompt import PromptEmbedding, prompt_inputs
 from slimtune.methods.freeze import TrainingReport
+from slimtune.names import suffix_match
 from slimtune.params import count_params
 
 PROMPT_ATTR = "slimtune_prompt"
@@ -53,7 +54,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
         raise ValueError(f"adapter_name={adapter_name!r}: the model already has a prompt or adapter of that name; "
                          "slimtune supports one prompt per model")
     for target in config.modules_to_save:  # every check before any change to the model
-        if not any(n == target or n.endswith("." + target) for n, _ in model.named_modules()):
+        if not any(suffix_match(n, (target,)) for n, _ in model.named_modules()):
             raise no_match_error(model, target, "prompt.modules_to_save")
     emb = _word_embeddings(model)
     prompt = PromptEmbedding(config.num_virtual_tokens, emb.embedding_dim).to(emb.weight.device)

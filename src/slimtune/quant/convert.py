@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune.names import suffix_match
 from slimtune.quant.linear4bit import Linear4bit, _check_dtype
 from slimtune.quant.nf4 import check_block_size
 
@@ -65,8 +66,7 @@ def _logical_name(name: str) -> str:
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    name = _logical_name(name)
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return suffix_match(_logical_name(name), patterns)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

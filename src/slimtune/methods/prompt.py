@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from slimtune.config import PromptTuningConfig
-from slimtune.injection import _wrap_saved_modules, no_match_error
+from slimtune.injection import no_match_error, wrap_saved_modules
 from slimtune.layers.prompt import PromptEmbedding, prompt_inputs
 from slimtune.methods.freeze import TrainingReport
 from slimtune.names import suffix_match
@@ -67,7 +67,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
         prompt.init_random(emb.weight, gen)
     for p in model.parameters():
         p.requires_grad_(False)
-    saved = _wrap_saved_modules(model, config, adapter_name)
+    saved = wrap_saved_modules(model, config, adapter_name)
     prompt.embedding.requires_grad_(True)
     model.add_module(PROMPT_ATTR, prompt)
     prompt.hook_handle = model.register_forward_pre_hook(_hook, with_kwargs=True)

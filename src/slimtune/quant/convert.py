@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune.modules import set_submodule
 from slimtune.names import suffix_match
-from slimtune.quant.linear4bit import Linear4bit, _check_dtype
+from slimtune.quant.linear4bit import Linear4bit, check_dtype
 from slimtune.quant.nf4 import check_block_size
 
 _WRAPPED = ".base_layer"
@@ -65,13 +66,9 @@ def _logical_name(name: str) -> str:
     return name[: -len(_WRAPPED)] if name.endswith(_WRAPPED) else name
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether module ``name`` (seen through an adapter wrapper's ``.base_layer``) matches one of ``patterns``."""
     return suffix_match(_logical_name(name), patterns)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def check_quant_args(keep, block_size, double_quant, compute_dtype) -> tuple[str, ...]:
@@ -83,7 +80,7 @@ def check_quant_args(keep, block_size, double_quant, compute_dtype) -> tuple[str
     check_block_size(block_size)
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant={double_quant!r}: must be True or False")
-    _check_dtype(compute_dtype, "compute_dtype")
+    check_dtype(compute_dtype, "compute_dtype")
     return tuple(keep)
 
 
@@ -99,7 +96,7 @@ def quantize_model(model: nn.Module, keep: tuple[str, ...] = ("lm_head",), block
     keep = check_quant_args(keep, block_size, double_quant, compute_dtype)
     names = [n for n, _ in model.named_modules()]
     for k in keep:
-        if not any(_matches(n, (k,)) for n in names) and k != "lm_head":
+        if not any(matches(n, (k,)) for n in names) and k != "lm_head":
             near = difflib.get_close_matches(k, sorted({n.rsplit(".", 1)[-1] for n in names} | set(names)), n=3)
             raise ValueError(f"keep={k!r} matches no module in {type(model).__name__}; "
                              f"closest names: {', '.join(near) or 'none'}")
@@ -107,11 +104,11 @@ def quantize_model(model: nn.Module, keep: tuple[str, ...] = ("lm_head",), block
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        if _matches(name, keep):
+        if matches(name, keep):
             kept.append(_logical_name(name))
             continue
         new = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype).train(module.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         quantized.append(_logical_name(name))
     if not quantized:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize "
@@ -139,7 +136,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
     Hugging Face model. Dequantize to float32 and cast after merging to round only once.
     Returns the names of the layers replaced. Raises ValueError for a non-float ``dtype``.
     """
-    _check_dtype(dtype, "dtype")
+    check_dtype(dtype, "dtype")
     done = []
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
@@ -148,6 +145,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
             new.weight = nn.Parameter(module.dequantize(dtype), requires_grad=False)
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=module.bias.requires_grad)
-            _set_submodule(model, name, new.train(module.training))
+            set_submodule(model, name, new.train(module.training))
             done.append(_logical_name(name))
     return done

@@ -29,9 +29,20 @@ def _word_embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
+def prompt_is_active(model: nn.Module) -> bool:
+    """Whether the prompt applies: its adapter is in the model-wide active set (``slimtune.set_active``, the one
+    record of which adapters are active) and ``slimtune.disable_adapters`` is not in force."""
+    prompt = getattr(model, PROMPT_ATTR, None)
+    if prompt is None or prompt.disabled:
+        return False
+    configs = getattr(model, "slimtune_configs", {})
+    names = [n for n, c in configs.items() if isinstance(c, PromptTuningConfig)]
+    return bool(names) and names[0] in getattr(model, "slimtune_active", tuple(configs))
+
+
 def _hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     prompt: PromptEmbedding = getattr(model, PROMPT_ATTR)
-    if prompt.disabled:
+    if not prompt_is_active(model):
         return args, kwargs
     if args:  # positional input_ids: move into kwargs so the rewrite sees it
         kwargs = dict(kwargs, input_ids=args[0])

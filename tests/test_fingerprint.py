@@ -108,6 +108,8 @@ def test_a_fine_tune_below_the_formats_rounding_cannot_be_told_apart_and_the_not
     quantize_model(sibling)
     note = fp.check(fingerprint(base), fingerprint(sibling))
     assert "less than ~30% relative" in note
+    slight = fp.check(fingerprint(base), fingerprint(fine_tuned(base, 0.001)))  # below float32's bound
+    assert "float32 rounding" in slight and "less than ~0.2% relative" in slight
 
 
 def test_old_fingerprints_still_load_with_the_old_rule_and_a_note():
@@ -133,6 +135,7 @@ def test_old_fingerprints_still_load_with_the_old_rule_and_a_note():
     (lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].__setitem__(2, "AAAA"), "3 bytes, expected 36"),
     (lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].__setitem__(2, "not base64!"), "not base64"),
     (lambda d: d.pop("checksum"), "malformed"),
+    (lambda d: d["layers"].__setitem__("model.layers.0.self_attn.q_proj", [[64, 64], "fp32"]), "must be .shape"),
 ])
 def test_a_malformed_fingerprint_is_a_named_error(edit, field):
     d = fp.compute(llama(), linears(llama())).to_json()

@@ -135,7 +135,10 @@ class Fingerprint:
                 return cls(str(d["architecture"]), dict(d["shapes"]), str(d["checksum"]),
                            {n: float(v) for n, v in d["mean_abs"].items()})
             shapes, formats, sketches = {}, {}, {}
-            for name, (shape, fmt, blob) in d["layers"].items():
+            for name, entry in d["layers"].items():
+                if not isinstance(entry, list) or len(entry) != 3:
+                    raise ValueError(f"layers[{name!r}]={entry!r}: must be [shape, format, sketch]")
+                shape, fmt, blob = entry
                 if fmt not in BOUNDS:
                     raise ValueError(f"layers[{name!r}] format={fmt!r}: must be one of {', '.join(BOUNDS)}")
                 decode_sketch(blob, f"layers[{name!r}]")
@@ -225,5 +228,5 @@ def check(saved: Fingerprint, current: Fingerprint) -> str | None:
     return (f"base weights are not bit-identical to the ones the adapter was trained on (saved from {fs}, now "
             f"{fc} in e.g. {name}), but every layer is within {_FORMAT_NAMES[coarse]} rounding (largest relative "
             f"difference {rows[0][2]:.3g}, threshold {bound:.3g}); a different checkpoint whose weights differ "
-            f"from the trained-on base by less than ~{bound:.0%} relative (e.g. a light fine-tune) cannot be "
+            f"from the trained-on base by less than ~{100 * bound:.2g}% relative (e.g. a light fine-tune) cannot be "
             "told apart from a copy at this precision")

@@ -151,3 +151,18 @@ def test_layers_left_trainable_by_the_freeze_method_are_not_quantized(llama):
     report = quantize_model(llama)
     assert isinstance(llama.model.layers[1].mlp.down_proj, torch.nn.Linear)
     assert "model.layers.1.mlp.down_proj" in report.kept and len(report.quantized) == 13
+
+
+def test_one_set_submodule_and_no_private_imports_across_modules():
+    import re
+    from pathlib import Path
+
+    src = Path(slimtune.__file__).parent
+    files = {p.relative_to(src).as_posix(): p.read_text(encoding="utf-8") for p in src.rglob("*.py")}
+    surgery = sorted(f for f, text in files.items() if "setattr(model.get_submodule(" in text
+                     or re.search(r"def _?set_submodule|def _replace\(", text))
+    assert surgery == ["modules.py"]
+    private = re.compile(r"from slimtune[\w.]* import [^\n]*\b_[a-z]\w*|from slimtune[\w.]* import \([^)]*\b_[a-z]\w*")
+    mine = ("quant/convert.py", "quant/load.py", "quant/export.py", "quant/linear4bit.py", "methods/prompt.py",
+            "control.py", "injection.py", "fingerprint.py")
+    assert [f for f in mine if private.search(files[f])] == []

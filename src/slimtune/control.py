@@ -12,6 +12,7 @@ from torch import nn
 
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.methods.prompt import prompt_of, remove_prompt
+from slimtune.modules import set_submodule
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -69,7 +70,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in have:
             module.remove(name)
         if not len(have):
-            _replace(model, module_name, module.base_layer if isinstance(module, AdaptedLayer) else module.original)
+            set_submodule(model, module_name, module.base_layer if isinstance(module, AdaptedLayer) else module.original)
     configs = dict(model.slimtune_configs)
     del configs[name]
     model.slimtune_configs = configs
@@ -98,11 +99,6 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge(module_name)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and return the model with every slimtune module removed.
 
@@ -112,7 +108,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     merge(model, safe=safe)
     for name, module in list(_wrappers(model)):
         new = module.base_layer if isinstance(module, AdaptedLayer) else module.current()
-        _replace(model, name, new)
+        set_submodule(model, name, new)
     for attr in ("slimtune_configs", "slimtune_active"):
         model.__dict__.pop(attr, None)
     return model

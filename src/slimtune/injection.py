@@ -23,6 +23,7 @@ from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.layers.bottleneck import BottleneckAdapter, position_of
 from slimtune.layers.dora import DoraLinear, dense_weight
 from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
+from slimtune.modules import set_submodule
 from slimtune.names import suffix_match
 from slimtune.params import ParamCounts, count_params
 
@@ -206,11 +207,6 @@ def no_match_error(model: nn.Module, what: Any, field: str) -> ValueError:
 
 # -- injection -----------------------------------------------------------------------------
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _check_adapter_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ValueError(f"adapter_name={name!r}: must be a non-empty string of letters, digits, '_' or '-'")
@@ -219,7 +215,9 @@ def _check_adapter_name(model: nn.Module, name: str) -> None:
                          "pick another name or slimtune.delete_adapter(model, name) first")
 
 
-def _wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> tuple[str, ...]:
+def wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> tuple[str, ...]:
+    """Wrap each module ``cfg.modules_to_save`` names in a TrainedCopy holding a trainable copy for
+    ``adapter_name``; returns the wrapped names. Raises ValueError for an entry matching no module."""
     saved = []
     for target in cfg.modules_to_save:
         hits = [n for n, m in model.named_modules()
@@ -232,7 +230,7 @@ def _wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) ->
             module = model.get_submodule(name)
             if not isinstance(module, TrainedCopy):
                 module = TrainedCopy(module).train(module.training)
-                _set_submodule(model, name, module)
+                set_submodule(model, name, module)
             trained = copy.deepcopy(module.original)
             for p in trained.parameters():
                 p.requires_grad_(True)
@@ -292,12 +290,12 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(base).train(base.training)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.add(adapter_name, adapter)
         n_params = sum(p.numel() for p in adapter.adapter_params())
         shape = _logical_shape(base)
         wrapped.append(WrappedModule(name, type(base).__name__, shape, r, n_params))
-    saved = _wrap_saved_modules(model, config, adapter_name)
+    saved = wrap_saved_modules(model, config, adapter_name)
     _apply_bias_mode(model, config, [w.name for w in wrapped])
     _set_trainable(model, adapter_name)
     configs = dict(getattr(model, "slimtune_configs", {}))

@@ -130,3 +130,30 @@ def test_prompt_report_on_a_4bit_base_counts_weights_not_packed_bytes():
     slimtune.quantize_model(quantized)
     report = prepare(quantized, PromptTuningConfig(num_virtual_tokens=N))
     assert (report.trainable_params, report.total_params) == (plain.trainable_params, plain.total_params)
+
+
+def test_set_active_turns_the_prompt_off_and_on_as_disable_adapters_does():
+    ours, base = tiny_llama(), tiny_llama()
+    prepare(ours, PromptTuningConfig(num_virtual_tokens=N))
+    slimtune.inject(ours, slimtune.LoraConfig(r=2, target_modules=("q_proj",)), adapter_name="lora")
+    with torch.no_grad():
+        for layer in ours.modules():
+            if hasattr(layer, "lora_B"):
+                layer.lora_B.normal_(0, 0.5)
+    ids = tokens()
+    with torch.no_grad():
+        both, plain = ours(ids).logits, base(ids).logits
+        assert both.shape[1] == N + ids.shape[1]
+        slimtune.set_active(ours, [])
+        torch.testing.assert_close(ours(ids).logits, plain)  # no prompt, no LoRA: the base model
+        slimtune.set_active(ours, "lora")
+        only_lora = ours(ids).logits
+        assert only_lora.shape == plain.shape and not torch.allclose(only_lora, plain)
+        slimtune.set_active(ours, "default")
+        only_prompt = ours(ids).logits
+        assert only_prompt.shape == both.shape and not torch.allclose(only_prompt, both)
+        slimtune.set_active(ours, ["default", "lora"])
+        torch.testing.assert_close(ours(ids).logits, both)
+        with slimtune.disable_adapters(ours):
+            torch.testing.assert_close(ours(ids).logits, plain)
+        torch.testing.assert_close(ours(ids).logits, both)

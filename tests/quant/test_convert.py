@@ -110,3 +110,59 @@ def test_dequantize_model_rejects_bad_dtype(llama):
     quantize_model(llama)
     with pytest.raises(ValueError, match="dtype=torch.int32"):
         dequantize_model(llama, torch.int32)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("config", [
+    slimtune.LoraConfig(r=4, target_modules="all-linear"),
+    slimtune.LoraConfig(r=4, target_modules=("q_proj",), modules_to_save=("lm_head",)),
+    slimtune.BottleneckConfig(size=8),
+], ids=["lora", "modules_to_save", "bottleneck"])
+def test_inject_then_quantize_is_quantize_then_inject(config):
+    from tests.conftest import randomize_adapters, tiny_llama
+
+    first = tiny_llama()
+    slimtune.inject(first, config)
+    report = quantize_model(first)
+    second = tiny_llama()
+    quantize_model(second)
+    slimtune.inject(second, config)
+    randomize_adapters(second)
+    assert sorted(trainable(first)) == sorted(trainable(second))
+    with torch.no_grad():
+        for name, p in trainable(first).items():
+            assert p.dtype == torch.float32  # still a trainable float tensor, not 4-bit codes
+            p.copy_(trainable(second)[name])
+    types = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]  # noqa: E731
+    assert types(first) == types(second)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(first(x).logits, second(x).logits, rtol=0, atol=0)
+    assert not any(".adapters." in n or ".copies." in n for n in report.quantized + report.kept)
+
+
+def test_layers_left_trainable_by_the_freeze_method_are_not_quantized(llama):
+    for p in llama.parameters():
+        p.requires_grad_(False)
+    llama.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
+    report = quantize_model(llama)
+    assert isinstance(llama.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    assert "model.layers.1.mlp.down_proj" in report.kept and len(report.quantized) == 13
+
+
+def test_one_set_submodule_and_no_private_imports_across_modules():
+    import re
+    from pathlib import Path
+
+    src = Path(slimtune.__file__).parent
+    files = {p.relative_to(src).as_posix(): p.read_text(encoding="utf-8") for p in src.rglob("*.py")}
+    surgery = sorted(f for f, text in files.items() if "setattr(model.get_submodule(" in text
+                     or re.search(r"def _?set_submodule|def _replace\(", text))
+    assert surgery == ["modules.py"]
+    private = re.compile(r"from slimtune[\w.]* import [^\n]*\b_[a-z]\w*|from slimtune[\w.]* import \([^)]*\b_[a-z]\w*")
+    mine = ("quant/convert.py", "quant/load.py", "quant/export.py", "quant/linear4bit.py", "methods/prompt.py",
+            "control.py", "injection.py", "fingerprint.py")
+    assert [f for f in mine if private.search(files[f])] == []

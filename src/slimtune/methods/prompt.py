@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from slimtune.config import PromptTuningConfig
-from slimtune.injection import _wrap_saved_modules, no_match_error
+from slimtune.injection import no_match_error, wrap_saved_modules
 from slimtune.layers.prompt import PromptEmbedding, prompt_inputs
 from slimtune.methods.freeze import TrainingReport
 from slimtune.names import suffix_match
@@ -29,9 +29,20 @@ def _word_embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
+def prompt_is_active(model: nn.Module) -> bool:
+    """Whether the prompt applies: its adapter is in the model-wide active set (``slimtune.set_active``, the one
+    record of which adapters are active) and ``slimtune.disable_adapters`` is not in force."""
+    prompt = getattr(model, PROMPT_ATTR, None)
+    if prompt is None or prompt.disabled:
+        return False
+    configs = getattr(model, "slimtune_configs", {})
+    names = [n for n, c in configs.items() if isinstance(c, PromptTuningConfig)]
+    return bool(names) and names[0] in getattr(model, "slimtune_active", tuple(configs))
+
+
 def _hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     prompt: PromptEmbedding = getattr(model, PROMPT_ATTR)
-    if prompt.disabled:
+    if not prompt_is_active(model):
         return args, kwargs
     if args:  # positional input_ids: move into kwargs so the rewrite sees it
         kwargs = dict(kwargs, input_ids=args[0])
@@ -67,7 +78,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
         prompt.init_random(emb.weight, gen)
     for p in model.parameters():
         p.requires_grad_(False)
-    saved = _wrap_saved_modules(model, config, adapter_name)
+    saved = wrap_saved_modules(model, config, adapter_name)
     prompt.embedding.requires_grad_(True)
     model.add_module(PROMPT_ATTR, prompt)
     prompt.hook_handle = model.register_forward_pre_hook(_hook, with_kwargs=True)

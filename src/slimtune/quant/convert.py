@@ -1,7 +1,9 @@
 """Whole-model conversion: every Linear to NF4 (``quantize_model``) and back (``dequantize_model``).
 
-Both see through slimtune's ``AdaptedLayer`` wrappers (attribute ``base_layer``), so a model can be
-quantized before or after adapters are injected, and dequantized before merging for export.
+Both see through slimtune's wrappers (``AdaptedLayer.base_layer``, ``TrainedCopy.original``) and quantize
+only frozen base layers, never a layer inside an adapter or a ``modules_to_save`` copy, nor a Linear left
+trainable in a partly frozen model; so quantizing before or after ``inject`` gives the same model, and a
+4-bit model dequantizes before merging for export.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune.layers.base import AdaptedLayer, TrainedCopy
+from slimtune.modules import set_submodule
 from slimtune.names import suffix_match
-from slimtune.quant.linear4bit import Linear4bit, _check_dtype
+from slimtune.quant.linear4bit import Linear4bit, check_dtype
 from slimtune.quant.nf4 import check_block_size
 
-_WRAPPED = ".base_layer"
+_WRAPPED = (".base_layer", ".original")  # the frozen layer inside an AdaptedLayer / TrainedCopy
 
 
 @dataclass(frozen=True)
@@ -62,16 +66,27 @@ def expected_bits_per_param(block_size: int = 64, double_quant: bool = True) -> 
 
 def _logical_name(name: str) -> str:
     """The name a user sees: ``layers.0.q_proj`` for ``layers.0.q_proj.base_layer``."""
-    return name[: -len(_WRAPPED)] if name.endswith(_WRAPPED) else name
+    for suffix in _WRAPPED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether module ``name``, seen through a wrapper (``.base_layer``, ``.original``), matches ``patterns``."""
     return suffix_match(_logical_name(name), patterns)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def base_linears(model: nn.Module) -> list[tuple[str, nn.Linear, bool]]:
+    """(name, layer, trains) for every ``nn.Linear`` of the base model, i.e. not inside an adapter or a
+    ``modules_to_save`` copy. ``trains``: the weight is trainable while other weights of the model are
+    frozen (a layer chosen for training, e.g. by the freeze method); in a model that trains everything
+    (nothing frozen yet) it is False for every layer."""
+    inside = {id(m) for w in model.modules() if isinstance(w, AdaptedLayer) for m in w.adapters.modules()}
+    inside |= {id(m) for w in model.modules() if isinstance(w, TrainedCopy) for m in w.copies.modules()}
+    some_frozen = any(not p.requires_grad for p in model.parameters())
+    return [(n, m, some_frozen and m.weight.requires_grad) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in inside]
 
 
 def check_quant_args(keep, block_size, double_quant, compute_dtype) -> tuple[str, ...]:
@@ -83,14 +98,16 @@ def check_quant_args(keep, block_size, double_quant, compute_dtype) -> tuple[str
     check_block_size(block_size)
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant={double_quant!r}: must be True or False")
-    _check_dtype(compute_dtype, "compute_dtype")
+    check_dtype(compute_dtype, "compute_dtype")
     return tuple(keep)
 
 
 def quantize_model(model: nn.Module, keep: tuple[str, ...] = ("lm_head",), block_size: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32) -> QuantReport:
-    """Replace every ``nn.Linear`` in ``model`` (in place) by a frozen NF4 :class:`Linear4bit`.
+    """Replace every frozen base ``nn.Linear`` in ``model`` (in place) by a frozen NF4 :class:`Linear4bit`.
 
+    Layers inside adapters (LoRA, bottleneck) and ``modules_to_save`` copies are never quantized, nor a Linear
+    left trainable in a partly frozen model (reported as kept); the layer an adapter wraps is.
     keep: module names (or name suffixes) left in full precision; the output head by default.
     Layers are converted one at a time, so peak memory grows by one layer's float copy at most.
     Raises ValueError for a bad argument, for a ``keep`` entry naming no module (with the closest names),
@@ -99,23 +116,21 @@ def quantize_model(model: nn.Module, keep: tuple[str, ...] = ("lm_head",), block
     keep = check_quant_args(keep, block_size, double_quant, compute_dtype)
     names = [n for n, _ in model.named_modules()]
     for k in keep:
-        if not any(_matches(n, (k,)) for n in names) and k != "lm_head":
+        if not any(matches(n, (k,)) for n in names) and k != "lm_head":
             near = difflib.get_close_matches(k, sorted({n.rsplit(".", 1)[-1] for n in names} | set(names)), n=3)
             raise ValueError(f"keep={k!r} matches no module in {type(model).__name__}; "
                              f"closest names: {', '.join(near) or 'none'}")
     quantized, kept = [], []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        if _matches(name, keep):
+    for name, module, trains in base_linears(model):
+        if matches(name, keep) or trains:
             kept.append(_logical_name(name))
             continue
         new = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype).train(module.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         quantized.append(_logical_name(name))
     if not quantized:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize "
-                         f"(keep={keep!r}, already quantized or none)")
+                         f"(keep={keep!r}; the rest is already quantized, trainable, or inside adapters)")
     return measure(model, tuple(quantized), tuple(kept))
 
 
@@ -139,7 +154,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
     Hugging Face model. Dequantize to float32 and cast after merging to round only once.
     Returns the names of the layers replaced. Raises ValueError for a non-float ``dtype``.
     """
-    _check_dtype(dtype, "dtype")
+    check_dtype(dtype, "dtype")
     done = []
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
@@ -148,6 +163,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
             new.weight = nn.Parameter(module.dequantize(dtype), requires_grad=False)
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=module.bias.requires_grad)
-            _set_submodule(model, name, new.train(module.training))
+            set_submodule(model, name, new.train(module.training))
             done.append(_logical_name(name))
     return done

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.quant.linear4bit import _check_dtype
+from slimtune.quant.linear4bit import check_dtype
 from slimtune.quant.nf4 import check_block_size, dequantize_nf4, quantize_nf4
 
 
@@ -41,7 +41,7 @@ def merge_for_export(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn
     from slimtune.control import merge_and_unload
     from slimtune.quant.convert import dequantize_model
 
-    _check_dtype(dtype, "dtype")
+    check_dtype(dtype, "dtype")
     dequantize_model(model, torch.float32)
     model = merge_and_unload(model, safe=True)
     return model.to(dtype)
@@ -50,12 +50,12 @@ def merge_for_export(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn
 def requantize_error(model: nn.Module, keep: tuple[str, ...] = ("lm_head",), block_size: int = 64,
                      double_quant: bool = True) -> RequantError:
     """What NF4 re-quantization of ``model``'s Linear weights would cost, without changing the model."""
-    from slimtune.quant.convert import _matches
+    from slimtune.quant.convert import matches
 
     check_block_size(block_size)
     per_layer, num, den = {}, 0.0, 0.0
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not _matches(name, tuple(keep)):
+        if isinstance(m, nn.Linear) and not matches(name, tuple(keep)):
             w = m.weight.detach().float()
             packed, state = quantize_nf4(w, block_size, double_quant)
             err = (dequantize_nf4(packed, state, torch.float32) - w).pow(2).sum().item()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.quant.blockwise import NESTED_BLOCK_SIZE, dynamic_map
-from slimtune.quant.nf4 import (_FLOAT_DTYPES, QuantState, check_block_size, dequantize_nf4, nf4_code,
+from slimtune.quant.nf4 import (FLOAT_DTYPES, QuantState, check_block_size, dequantize_nf4, nf4_code,
                                 quantize_nf4)
 
 QS_KEY = "quant_state.bitsandbytes__nf4"
@@ -71,8 +71,8 @@ class Linear4bit(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field}={value!r}: must be a positive integer")
         check_block_size(block_size)
-        _check_dtype(compute_dtype, "compute_dtype")
-        _check_dtype(quant_dtype, "quant_dtype")
+        check_dtype(compute_dtype, "compute_dtype")
+        check_dtype(quant_dtype, "quant_dtype")
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.double_quant = block_size, bool(double_quant)
         self.compute_dtype, self.quant_dtype = compute_dtype, quant_dtype
@@ -101,7 +101,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"weight.shape={tuple(weight.shape)}: must be (out_features, in_features)")
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, bias is not None, block_size, double_quant, compute_dtype,
-                    quant_dtype=weight.dtype if weight.dtype in _FLOAT_DTYPES else torch.float32,
+                    quant_dtype=weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float32,
                     device=weight.device)
         packed, state = quantize_nf4(weight.detach(), block_size, double_quant)
         layer._set_state(packed, state)
@@ -218,7 +218,7 @@ class Linear4bit(nn.Module):
                              f"[{self.out_features}, {self.in_features}]")
         check_block_size(meta.get("blocksize"), f"{where}.blocksize")
         dtype = getattr(torch, str(meta.get("dtype")), None)
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{where}: dtype={meta.get('dtype')!r}: must be float32, float16 or bfloat16")
         nested = prefix + "weight.nested_absmax" in sd
         for k in _STAT_KEYS[:2] + (_STAT_KEYS[2:] if nested else ()):
@@ -255,8 +255,9 @@ def _shared_map(code: Tensor | None) -> Tensor | None:
     return code
 
 
-def _check_dtype(dtype: Any, field: str) -> None:
-    if dtype not in _FLOAT_DTYPES:
+def check_dtype(dtype: Any, field: str) -> None:
+    """Raise ValueError naming ``field`` unless ``dtype`` is float32, float16 or bfloat16."""
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{field}={dtype!r}: must be torch.float32, torch.float16 or torch.bfloat16")
 
 

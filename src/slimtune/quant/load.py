@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from slimtune.quant.convert import QuantReport, _matches, _set_submodule, check_quant_args, measure
+from slimtune.modules import set_submodule
+from slimtune.quant.convert import QuantReport, check_quant_args, matches, measure
 from slimtune.quant.linear4bit import QS_KEY, Linear4bit
 
 
@@ -73,10 +74,10 @@ def load_quantized(path: str | Path, keep: tuple[str, ...] = ("lm_head",), block
     quantized, kept = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            if _matches(name, keep):
+            if matches(name, keep):
                 kept.append(name)
             else:
-                _set_submodule(model, name, Linear4bit(module.in_features, module.out_features, module.bias is not None,
+                set_submodule(model, name, Linear4bit(module.in_features, module.out_features, module.bias is not None,
                                                        block_size, double_quant, compute_dtype))
                 quantized.append(name)
     loaded = set()

@@ -35,7 +35,7 @@ NF4_LEVELS: tuple[float, ...] = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 BLOCK_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,7 +102,7 @@ def quantize_nf4(x: Tensor, block_size: int = 64, double_quant: bool = True) -> 
     Raises ValueError for a block size outside BLOCK_SIZES, a non-float dtype or an empty tensor.
     """
     check_block_size(block_size)
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x.dtype={x.dtype}: must be float32, float16 or bfloat16")
     if x.numel() == 0:
         raise ValueError(f"x.shape={tuple(x.shape)}: cannot quantize an empty tensor")

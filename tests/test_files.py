@@ -185,7 +185,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr("slimtune.files.save_file", explode)
+    monkeypatch.setattr("slimtune.files.write.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(ours, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before

@@ -33,8 +33,14 @@ def config_of(model: nn.Module, adapter_name: str) -> Any:
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's key names (adapter name stripped), detached."""
-    return {k: v.detach().contiguous() for k, v in live_tensors(model, adapter_name).items()}
+    """The adapter's tensors under PEFT's key names (adapter name stripped), detached. A tensor saved under
+    two keys (``bias="all"`` with a module to save) is copied for the second, as safetensors refuses
+    shared storage."""
+    out, seen = {}, set()
+    for k, v in live_tensors(model, adapter_name).items():
+        out[k] = v.detach().clone() if id(v) in seen else v.detach().contiguous()
+        seen.add(id(v))
+    return out
 
 
 def live_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:

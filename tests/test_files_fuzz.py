@@ -9,7 +9,6 @@ import random
 import shutil
 import warnings
 
-import pytest
 import torch
 
 import slimtune

@@ -287,7 +287,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     saved_module_names(model, config)
     factors = {}
     if isinstance(config, LoraConfig) and config.init in ("pissa", "olora"):
-        factors = {n: principal_factors(_base_of(m), config.init, a.r, a.scale, n) for (n, m), a in zip(targets, adapters)}
+        factors = {n: principal_factors(_base_of(m), config.init, a.r, a.scale, n)
+                   for (n, m), a in zip(targets, adapters)}
     with rollback_on_error(model) as log:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import slimtune
 from slimtune import AdapterFileError, BaseModelMismatch, LoraConfig, load_adapter, save_adapter
 from slimtune import inject
+from tests.adapter_folders import tiny_llama_seeded
 from tests.conftest import conv_toy, randomize_adapters, tiny_bert_cls, tiny_gpt2, tiny_llama, tokens
 
 peft = pytest.importorskip("peft")
@@ -102,16 +103,20 @@ def test_roundtrip_through_slimtune_is_exact_and_records_metadata(tmp_path):
     assert other.slimtune_configs["default"] == ours.slimtune_configs["default"]
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="needs the stricter fingerprint (branch wt-quantfp): fingerprint v1 cannot tell two seeds of "
+                          "one architecture apart. Remove this mark when merging that branch.")
 def test_loading_onto_a_different_base_fails_clearly(tmp_path):
     ours = tiny_llama()
     inject(ours, LoraConfig(r=4, target_modules=("q_proj",)))
     save_adapter(ours, tmp_path)
-    other = tiny_llama()
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(3.0)
-    with pytest.raises(BaseModelMismatch, match="q_proj"):
+    other = tiny_llama_seeded(1)  # same architecture, another seed: another base model
+    try:
         load_adapter(other, tmp_path)
+    except BaseModelMismatch as e:
+        assert "q_proj" in str(e)
+    else:
+        raise AssertionError("an adapter trained on another base loaded without BaseModelMismatch")
     assert slimtune.adapter_names(other) == ()  # nothing left half-injected
     load_adapter(other, tmp_path, check_base=False)  # the user can insist
 
@@ -124,7 +129,7 @@ def test_wrong_shape_base_is_refused(tmp_path):
     save_adapter(ours, tmp_path)
     bigger = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises((AdapterFileError, BaseModelMismatch), match="shape"):
+    with pytest.raises(AdapterFileError, match=r"has shape \(4, 64\), the model needs \(4, 96\)"):
         load_adapter(bigger, tmp_path)
     assert slimtune.adapter_names(bigger) == ()
 
@@ -185,7 +190,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr("slimtune.files.save_file", explode)
+    monkeypatch.setattr("slimtune.files.write.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(ours, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before

@@ -61,8 +61,16 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer, and unwrap layers left with no adapter."""
+    """Remove adapter ``name`` from every layer, and unwrap layers left with no adapter.
+
+    Raises ValueError for an unknown name and RuntimeError when the adapter is merged into some base
+    weight (unmerge first); both before anything is removed, so the model is never left half-deleted.
+    """
     _check_names(model, (name,), "adapter_name")
+    merged_in = [n for n, layer in adapted_layers(model) if name in layer.merged]
+    if merged_in:
+        raise RuntimeError(f"adapter {name!r} is merged into the base weight of {merged_in[0]} "
+                           f"(and {len(merged_in) - 1} more layers); call slimtune.unmerge(model) before deleting it")
     if type(model.slimtune_configs[name]).__name__ == "PromptTuningConfig":
         remove_prompt(model)
     for module_name, module in list(_wrappers(model)):

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from torch import nn
-
 import torch
+from torch import Tensor, nn
 
 from slimtune import merging as merge_math
 from slimtune.config import ALL_LINEAR, BottleneckConfig, LoraConfig
@@ -26,6 +25,7 @@ from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
 from slimtune.modules import set_submodule
 from slimtune.names import suffix_match
 from slimtune.params import ParamCounts, count_params
+from slimtune.rollback import Rollback, rollback_on_error
 
 AdapterConfig = LoraConfig | BottleneckConfig
 
@@ -215,10 +215,10 @@ def _check_adapter_name(model: nn.Module, name: str) -> None:
                          "pick another name or slimtune.delete_adapter(model, name) first")
 
 
-def wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> tuple[str, ...]:
-    """Wrap each module ``cfg.modules_to_save`` names in a TrainedCopy holding a trainable copy for
-    ``adapter_name``; returns the wrapped names. Raises ValueError for an entry matching no module."""
-    saved = []
+def saved_module_names(model: nn.Module, cfg: Any) -> list[str]:
+    """Modules ``cfg.modules_to_save`` names (existing TrainedCopy wrappers included); raises ValueError
+    naming the closest real modules when a target matches nothing. Changes nothing."""
+    names = []
     for target in cfg.modules_to_save:
         hits = [n for n, m in model.named_modules()
                 if n and suffix_match(n, (target,)) and not isinstance(m, AdaptedLayer)
@@ -226,16 +226,26 @@ def wrap_saved_modules(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> 
         hits += [n for n, m in model.named_modules() if isinstance(m, TrainedCopy) and suffix_match(n, (target,))]
         if not hits:
             raise no_match_error(model, target, f"{cfg.method}.modules_to_save")
-        for name in hits:
-            module = model.get_submodule(name)
-            if not isinstance(module, TrainedCopy):
-                module = TrainedCopy(module).train(module.training)
-                set_submodule(model, name, module)
-            trained = copy.deepcopy(module.original)
-            for p in trained.parameters():
-                p.requires_grad_(True)
-            module.add(adapter_name, trained)
-            saved.append(name)
+        names += hits
+    return names
+
+
+def wrap_saved_modules(model: nn.Module, cfg: Any, adapter_name: str, log: Rollback) -> tuple[str, ...]:
+    """Give ``adapter_name`` a trainable copy of each module to save, recording undo steps in ``log``."""
+    saved = []
+    for name in saved_module_names(model, cfg):
+        module = model.get_submodule(name)
+        if not isinstance(module, TrainedCopy):
+            original = module
+            module = TrainedCopy(original).train(original.training)
+            set_submodule(model, name, module)
+            log.add(lambda name=name, original=original: set_submodule(model, name, original))
+        trained = copy.deepcopy(module.original)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        module.add(adapter_name, trained)
+        log.add(lambda module=module: module.remove(adapter_name))
+        saved.append(name)
     return tuple(saved)
 
 
@@ -259,7 +269,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     ``config`` is a LoraConfig (LoRA, DoRA, rsLoRA, PiSSA/OLoRA init) or a BottleneckConfig. Base
     weights are frozen; only adapter parameters, ``modules_to_save`` copies and (per ``config.bias``)
     biases train. Raises ValueError when a target matches nothing (naming the closest real modules)
-    or the adapter name is taken; TypeError for a layer the method cannot wrap.
+    or the adapter name is taken; TypeError for a layer the method cannot wrap. Every check (and the
+    PiSSA/OLoRA factorization) runs before the model changes; on any error the model is left exactly
+    as it was, ``requires_grad`` flags included.
     """
     if not isinstance(config, (LoraConfig, BottleneckConfig)):
         raise TypeError(f"config must be a slimtune.LoraConfig or BottleneckConfig, got {type(config).__name__} "
@@ -273,31 +285,25 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         field = "target_modules" if config.target_modules or not config.target_types else "target_types"
         raise no_match_error(model, config.target_modules or config.target_types, f"{config.method}.{field}")
     adapters = [make_adapter(_base_of(m), n, config) for n, m in targets]  # all checks before any change
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = []
-    for (name, module), adapter in zip(targets, adapters):
-        base = _base_of(module)
-        r = config.rank_for(name)
-        if isinstance(config, LoraConfig) and config.init in ("pissa", "olora"):
-            _principal_init(adapter, base, config.init, name)
-        ref = next(base.parameters(), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
-        if ref is not None:
-            adapter.to(device=ref.device, dtype=dtype)
-        if isinstance(adapter, DoraLinear):
-            adapter.init_magnitude(base)  # after any init that moved W0, and in the final dtype
-        adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
-        if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(base).train(base.training)
-            set_submodule(model, name, module)
-        module.add(adapter_name, adapter)
-        n_params = sum(p.numel() for p in adapter.adapter_params())
-        shape = _logical_shape(base)
-        wrapped.append(WrappedModule(name, type(base).__name__, shape, r, n_params))
-    saved = wrap_saved_modules(model, config, adapter_name)
-    _apply_bias_mode(model, config, [w.name for w in wrapped])
-    _set_trainable(model, adapter_name)
+    saved_module_names(model, config)
+    factors = {}
+    if isinstance(config, LoraConfig) and config.init in ("pissa", "olora"):
+        factors = {n: principal_factors(_base_of(m), config.init, a.r, a.scale, n)
+                   for (n, m), a in zip(targets, adapters)}
+    with rollback_on_error(model) as log:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wrapped = [_attach(model, name, module, adapter, config, adapter_name, log)
+                   for (name, module), adapter in zip(targets, adapters)]
+        saved = wrap_saved_modules(model, config, adapter_name, log)
+        _apply_bias_mode(model, config, [w.name for w in wrapped])
+        _set_trainable(model, adapter_name)
+        # last: the only step that changes base weights, after everything that can fail
+        for (name, module), adapter in zip(targets, adapters):
+            if name in factors:
+                write_principal(adapter, _base_of(module), *factors[name])
+            if isinstance(adapter, DoraLinear):
+                adapter.init_magnitude(_base_of(module))  # after any init that moved W0, and in the final dtype
     configs = dict(getattr(model, "slimtune_configs", {}))
     model.slimtune_active = tuple(getattr(model, "slimtune_active", tuple(configs))) + (adapter_name,)
     configs[adapter_name] = config
@@ -307,18 +313,51 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     return InjectionReport(adapter_name, method, tuple(wrapped), saved, trainable, total)
 
 
-def _principal_init(adapter: nn.Module, base: nn.Module, init: str, name: str) -> None:
-    """PiSSA / OLoRA: A, B from W0's SVD / QR, and W0 replaced by the residual (step 0 equals the base)."""
+def _attach(model: nn.Module, name: str, module: nn.Module, adapter: nn.Module, config: AdapterConfig,
+            adapter_name: str, log: Rollback) -> WrappedModule:
+    """Move ``adapter`` to the base's device/dtype and add it to the (new or existing) wrapper at ``name``."""
+    base = _base_of(module)
+    ref = next(base.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
+    if ref is not None:
+        adapter.to(device=ref.device, dtype=dtype)
+    adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
+    if not isinstance(module, AdaptedLayer):
+        module = AdaptedLayer(base).train(base.training)
+        set_submodule(model, name, module)
+        log.add(lambda: set_submodule(model, name, base))
+    module.add(adapter_name, adapter)
+    log.add(lambda: module.remove(adapter_name))
+    n_params = sum(p.numel() for p in adapter.adapter_params())
+    return WrappedModule(name, type(base).__name__, _logical_shape(base), config.rank_for(name), n_params)
+
+
+def principal_factors(base: nn.Module, init: str, r: int, scale: float, name: str) -> tuple[Tensor, Tensor]:
+    """PiSSA / OLoRA factors of W0 (``dense_weight(base)``, (d_out, d_in)): A (r, d_in), B (d_out, r) in fp32,
+    with W0 = W_res + scale * B @ A. Reads the base, changes nothing. Raises TypeError for a base without
+    a floating-point weight (a 4-bit base)."""
     weight = getattr(base, "weight", None)
     if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
         raise TypeError(f"lora.init={init!r}: {name} has no floating-point weight to split (a 4-bit base? "
                         "initialize on the full-precision model, then quantize the residual)")
     split = merge_math.pissa_split if init == "pissa" else merge_math.olora_split
-    A, B, residual = split(dense_weight(base).detach(), adapter.r, adapter.scale)
+    A, B, _ = split(dense_weight(base).detach(), r, scale)
+    return A, B
+
+
+def principal_residual(base: nn.Module, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """W_res = W0 - scale * B @ A in fp32, in the base weight's storage layout (GPT-2 Conv1D: (d_in, d_out))."""
+    residual = dense_weight(base).detach().float() - scale * (B @ A)  # as pissa_split/olora_split compute it
+    return residual.T if _is_conv1d_transposed(base) else residual
+
+
+def write_principal(adapter: nn.Module, base: nn.Module, A: Tensor, B: Tensor) -> None:
+    """PiSSA / OLoRA: the adapter takes W0's principal part (A, B); W0 becomes the residual."""
+    residual = principal_residual(base, A, B, adapter.scale)
     with torch.no_grad():
         adapter.lora_A.copy_(A)
         adapter.lora_B.copy_(B)
-        weight.copy_(residual.T if _is_conv1d_transposed(base) else residual)
+        base.weight.copy_(residual)
 
 
 def _set_trainable(model: nn.Module, adapter_name: str) -> None:

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from slimtune.config import PromptTuningConfig
-from slimtune.injection import no_match_error, wrap_saved_modules
+from slimtune.injection import no_match_error, saved_module_names, wrap_saved_modules
 from slimtune.layers.prompt import PromptEmbedding, prompt_inputs
 from slimtune.methods.freeze import TrainingReport
 from slimtune.names import suffix_match
 from slimtune.params import count_params
+from slimtune.rollback import rollback_on_error
 
 PROMPT_ATTR = "slimtune_prompt"
 
@@ -64,9 +65,7 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
     if hasattr(model, PROMPT_ATTR) or adapter_name in getattr(model, "slimtune_configs", {}):
         raise ValueError(f"adapter_name={adapter_name!r}: the model already has a prompt or adapter of that name; "
                          "slimtune supports one prompt per model")
-    for target in config.modules_to_save:  # every check before any change to the model
-        if not any(suffix_match(n, (target,)) for n, _ in model.named_modules()):
-            raise no_match_error(model, target, "prompt.modules_to_save")
+    saved_module_names(model, config)  # every check before any change to the model
     emb = _word_embeddings(model)
     prompt = PromptEmbedding(config.num_virtual_tokens, emb.embedding_dim).to(emb.weight.device)
     if config.init == "text":
@@ -76,12 +75,15 @@ def inject_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: st
     else:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         prompt.init_random(emb.weight, gen)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    saved = wrap_saved_modules(model, config, adapter_name)
-    prompt.embedding.requires_grad_(True)
-    model.add_module(PROMPT_ATTR, prompt)
-    prompt.hook_handle = model.register_forward_pre_hook(_hook, with_kwargs=True)
+    with rollback_on_error(model) as log:  # on any error: no prompt, no copies, the old requires_grad flags
+        for p in model.parameters():
+            p.requires_grad_(False)
+        saved = wrap_saved_modules(model, config, adapter_name, log)
+        prompt.embedding.requires_grad_(True)
+        model.add_module(PROMPT_ATTR, prompt)
+        log.add(lambda: delattr(model, PROMPT_ATTR))
+        prompt.hook_handle = model.register_forward_pre_hook(_hook, with_kwargs=True)
+        log.add(prompt.hook_handle.remove)
     configs = dict(getattr(model, "slimtune_configs", {}))
     configs[adapter_name] = config
     model.slimtune_configs = configs

@@ -103,9 +103,6 @@ def test_roundtrip_through_slimtune_is_exact_and_records_metadata(tmp_path):
     assert other.slimtune_configs["default"] == ours.slimtune_configs["default"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="needs the stricter fingerprint (branch wt-quantfp): fingerprint v1 cannot tell two seeds of "
-                          "one architecture apart. Remove this mark when merging that branch.")
 def test_loading_onto_a_different_base_fails_clearly(tmp_path):
     ours = tiny_llama()
     inject(ours, LoraConfig(r=4, target_modules=("q_proj",)))

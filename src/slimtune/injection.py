@@ -19,6 +19,7 @@ import torch
 
 from slimtune import merging as merge_math
 from slimtune.config import ALL_LINEAR, BottleneckConfig, LoraConfig
+from slimtune.layers.amp import adapter_dtype
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.layers.bottleneck import BottleneckAdapter, position_of
 from slimtune.layers.dora import DoraLinear, dense_weight
@@ -84,7 +85,18 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def make_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
-    """Build the adapter object ``cfg`` asks for, fitting ``base``'s type (module ``name``)."""
+    """Build the adapter object ``cfg`` asks for, fitting ``base``'s type (module ``name``), on the base's
+    device and in ``adapter_dtype(base_dtype, cfg.adapter_dtype)``: fp32 on a bf16/fp16/4-bit base by
+    default (as PEFT), the base's (compute) dtype with ``adapter_dtype="base"``."""
+    adapter = _build_adapter(base, name, cfg)
+    ref = next(base.parameters(), None)
+    if ref is not None:
+        dtype = ref.dtype if ref.is_floating_point() else getattr(base, "compute_dtype", None)
+        adapter.to(device=ref.device, dtype=None if dtype is None else adapter_dtype(dtype, cfg.adapter_dtype))
+    return adapter
+
+
+def _build_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
     if isinstance(cfg, BottleneckConfig):
         if not is_linear_like(base):
             raise TypeError(f"bottleneck adapters wrap linear output projections; {name} is a {type(base).__name__}")
@@ -283,10 +295,6 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         r = config.rank_for(name)
         if isinstance(config, LoraConfig) and config.init in ("pissa", "olora"):
             _principal_init(adapter, base, config.init, name)
-        ref = next(base.parameters(), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
-        if ref is not None:
-            adapter.to(device=ref.device, dtype=dtype)
         if isinstance(adapter, DoraLinear):
             adapter.init_magnitude(base)  # after any init that moved W0, and in the final dtype
         adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout

@@ -42,3 +42,18 @@ def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type, enabled=False)
     except RuntimeError:
         return contextlib.nullcontext()
+
+
+def adapter_dtype(base_dtype: torch.dtype, choice: str = "float32") -> torch.dtype:
+    """The dtype new adapter parameters get on a base computing in ``base_dtype``.
+
+    ``choice="float32"`` (the default, as Hugging Face PEFT's ``autocast_adapter_dtype``): fp32 for a
+    16-bit base, since AdamW's small updates round away in bf16/fp16; fp32 and fp64 bases keep theirs.
+    ``choice="base"``: ``base_dtype`` itself (half the adapter memory on a 16-bit base).
+    Raises ValueError for another choice.
+    """
+    if choice not in ("float32", "base"):
+        raise ValueError(f"adapter_dtype={choice!r}: must be one of float32, base")
+    if choice == "float32" and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype

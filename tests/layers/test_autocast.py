@@ -145,13 +145,14 @@ def _one_layer(kind: str, dropout: float):
 
 
 def _layer_grads(layer, x, g):
+    layer.zero_grad(set_to_none=True)  # fresh gradients (not accumulated onto the last run's)
     x = x.clone().requires_grad_(True)
     torch.manual_seed(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     out.backward(g.to(out.dtype))
     named = dict(layer.named_parameters())
-    return {"x": x.grad, **{n: p.grad for n, p in named.items() if p.requires_grad}}
+    return {"x": x.grad, **{n: p.grad.clone() for n, p in named.items() if p.requires_grad}}
 
 
 LAYERS = [(k, p) for k in ("lora", "dora", "lora-nf4", "dora-nf4") for p in (0.0, 0.1)]

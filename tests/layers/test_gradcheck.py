@@ -5,8 +5,6 @@ deterministic for gradcheck's finite differences."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from torch import nn
@@ -76,7 +74,7 @@ def test_dora_dropout_fn_4bit_base(need_x):
     assert torch.autograd.gradcheck(fn, (x, out, A, B, m))
 
 
-@pytest.mark.parametrize("need_x,need_bias", list(itertools.product([True, False], repeat=2))[:3])
+@pytest.mark.parametrize("need_x,need_bias", [(True, True), (True, False), (False, True)])
 def test_linear4bit_fn(need_x, need_bias):
     q = _q4(7, 6)
     x, bias = _t(3, 2, 6, grad=need_x), _t(7, grad=need_bias, seed=1)
@@ -128,10 +126,9 @@ def test_dora_layer_with_trainable_bias(dropout, base_kind):
     nn.init.normal_(dora.lora_B)
     names = ("adapters.a.magnitude", "base_layer.bias")
     params = [layer.get_parameter(n).detach().clone().requires_grad_() for n in names]
-    x = _t(3, 6) if base_kind != "4bit" else _t(3, 6).float().double().requires_grad_()
     fn = _layer_fn(layer.train(), names)
-    if base_kind == "4bit":  # the 4-bit layer computes in float32: the bias and magnitude only
-        fn_params = lambda *p: fn(x.detach(), *p)  # noqa: E731
-        assert torch.autograd.gradcheck(fn_params, params, eps=1e-2, atol=1e-4, rtol=1e-3)  # linear in both
+    if base_kind == "4bit":  # the 4-bit layer computes in float32: the bias and magnitude only, with a
+        x = _t(3, 6, grad=False)  # step the fp32 rounding cannot hide (the output is linear in both)
+        assert torch.autograd.gradcheck(lambda *p: fn(x, *p), params, eps=1e-2, atol=1e-4, rtol=1e-3)
     else:
-        assert torch.autograd.gradcheck(fn, (x, *params))
+        assert torch.autograd.gradcheck(fn, (_t(3, 6), *params))

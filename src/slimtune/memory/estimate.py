@@ -11,7 +11,7 @@ worked out op by op in :mod:`slimtune.memory.families`; 0 when only a parameter 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slimtune.memory import formulas as f
@@ -287,8 +287,7 @@ def compare(model: ModelLike, methods: tuple[str, ...], method: Method | None = 
     for name in methods:
         p = precision
         if name == "qlora" and precision.weight_dtype not in (None, "nf4"):
-            p = Precision(None, precision.grad_dtype, precision.optimizer, precision.optim_dtype,
-                          precision.master_weights, precision.double_quant)
+            p = replace(precision, weight_dtype=None)
         m = Method(name, base.rank, base.targets, base.trainable_layers, base.adapter_dim, base.prompt_tokens)
         out.append(estimate(model, m, p, workload, None if name == "full" else trainable))
     return out

@@ -5,7 +5,9 @@
 Hugging Face PEFT forms the (d_out, d_in) matrix B A every step (through an identity matrix of size
 d_in) to take its row norms. Here the norm is expanded so only (d_out, r) products are needed:
 ||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i . (W0 A^T)_i + s^2 b_i (A A^T) b_i^T  (``merging.dora_norm_factored``),
-and one fused autograd function applies the scale, saving a single (tokens, d_out) tensor for m's gradient.
+and one fused autograd function applies the scale, saving a single (tokens, d_out) tensor for m's gradient
+(``DoraLinearFn``; with dropout ``DoraDropoutFn``, which saves neither the dropped input nor, on a 4-bit
+base, a dequantized weight). Both run under torch.autocast (dtypes: :mod:`slimtune.layers.amp`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ from typing import Any, Mapping
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
+# Adapter parameter dtype on a bf16/fp16 base: float32 (PEFT's default; small AdamW updates round away in
+# bf16) or the base's own dtype (half the adapter memory).
+ADAPTER_DTYPES = ("float32", "base")
 # Module type names accepted by ``target_types`` (the class name of the layer to wrap).
 TYPE_CHOICES = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Linear4bit")
 
@@ -88,6 +91,8 @@ class LoraConfig:
     use_dora: DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A|| per output row,
         with a trainable magnitude m. Linear-like layers only (Linear, Conv1D, 4-bit).
     bias: which biases train and are saved: ``none``, ``all``, or ``lora_only`` (wrapped layers').
+    adapter_dtype: on a bf16/fp16 (or 4-bit) base, adapters are created in ``float32`` (as PEFT does) or
+        in the ``base`` dtype (the base's, or a 4-bit layer's compute dtype). fp32 and fp64 bases keep theirs.
     """
 
     r: int = 8
@@ -105,6 +110,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     bias: str = "none"
+    adapter_dtype: str = "float32"
 
     method = "lora"
 
@@ -141,6 +147,7 @@ class LoraConfig:
                 _fail(p, flag, getattr(self, flag), "must be true or false")
         if self.bias not in BIAS_CHOICES:
             _fail(p, "bias", self.bias, f"must be one of {', '.join(BIAS_CHOICES)}")
+        _check_adapter_dtype(p, self.adapter_dtype)
 
     def _validate_targets(self, p: str) -> None:
         tm = self.target_modules
@@ -185,6 +192,11 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _check_adapter_dtype(prefix: str, value: Any) -> None:
+    if value not in ADAPTER_DTYPES:
+        _fail(prefix, "adapter_dtype", value, f"must be one of {', '.join(ADAPTER_DTYPES)}")
+
+
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -219,6 +231,7 @@ class BottleneckConfig:
         (Houlsby: both; Pfeiffer et al. 2020: MLP only). Resolved per architecture by name.
     target_modules: explicit output-projection names instead of ``positions`` (suffix or regex).
     The up-projection starts at zero, so step 0 equals the base. These cannot be merged.
+    adapter_dtype: ``float32`` (default) or ``base``, as for LoRA.
     """
 
     size: int = 64
@@ -231,6 +244,7 @@ class BottleneckConfig:
     layers_to_transform: tuple[int, ...] = ()
     layers_pattern: str | None = None
     modules_to_save: tuple[str, ...] = ()
+    adapter_dtype: str = "float32"
 
     method = "bottleneck"
     target_types: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -261,6 +275,7 @@ class BottleneckConfig:
         _check_str_tuple(p, "exclude_modules", self.exclude_modules)
         _check_str_tuple(p, "modules_to_save", self.modules_to_save)
         _check_layers(p, self.layers_to_transform, self.layers_pattern)
+        _check_adapter_dtype(p, self.adapter_dtype)
 
     def rank_for(self, module_name: str) -> int:
         return self.size

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from slimtune import merging as merge_math
 from slimtune.config import ALL_LINEAR, BottleneckConfig, LoraConfig
+from slimtune.layers.amp import adapter_dtype
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.layers.bottleneck import BottleneckAdapter, position_of
 from slimtune.layers.dora import DoraLinear, dense_weight
@@ -85,7 +86,18 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def make_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
-    """Build the adapter object ``cfg`` asks for, fitting ``base``'s type (module ``name``)."""
+    """Build the adapter object ``cfg`` asks for, fitting ``base``'s type (module ``name``), on the base's
+    device and in ``adapter_dtype(base_dtype, cfg.adapter_dtype)``: fp32 on a bf16/fp16/4-bit base by
+    default (as PEFT), the base's (compute) dtype with ``adapter_dtype="base"``."""
+    adapter = _build_adapter(base, name, cfg)
+    ref = next(base.parameters(), None)
+    if ref is not None:
+        dtype = ref.dtype if ref.is_floating_point() else getattr(base, "compute_dtype", None)
+        adapter.to(device=ref.device, dtype=None if dtype is None else adapter_dtype(dtype, cfg.adapter_dtype))
+    return adapter
+
+
+def _build_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
     if isinstance(cfg, BottleneckConfig):
         if not is_linear_like(base):
             raise TypeError(f"bottleneck adapters wrap linear output projections; {name} is a {type(base).__name__}")
@@ -315,12 +327,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
 
 def _attach(model: nn.Module, name: str, module: nn.Module, adapter: nn.Module, config: AdapterConfig,
             adapter_name: str, log: Rollback) -> WrappedModule:
-    """Move ``adapter`` to the base's device/dtype and add it to the (new or existing) wrapper at ``name``."""
-    base = _base_of(module)
-    ref = next(base.parameters(), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
-    if ref is not None:
-        adapter.to(device=ref.device, dtype=dtype)
+    """Add ``adapter`` to the (new or existing) wrapper at ``name``."""
+    base = _base_of(module)  # make_adapter already placed the adapter on the base's device, in its dtype
     adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
     if not isinstance(module, AdaptedLayer):
         module = AdaptedLayer(base).train(base.training)

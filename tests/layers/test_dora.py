@@ -9,7 +9,7 @@ import slimtune
 from slimtune import LoraConfig, inject, load_adapter, save_adapter
 from slimtune import merging as mm
 from slimtune.control import adapted_layers
-from slimtune.layers.dora import DoraLinear
+from slimtune.layers.dora import DoraLinear, dense_weight
 from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 peft = pytest.importorskip("peft")
@@ -121,9 +121,16 @@ def test_bf16_base_tracks_fp32_and_trains():
     half = copy.deepcopy(ref).to(torch.bfloat16)
     assert next(a for _, l in adapted_layers(half) for a in l.adapters.values()).magnitude.dtype == torch.bfloat16
     torch.testing.assert_close(logits(half).float(), logits(ref), atol=0.1, rtol=0.05)
+    # the gradients track the fp32 model's within bf16 tolerance (relative to each tensor's norm)
+    ref.train()
     half.train()
+    ref(tokens(), labels=tokens()).loss.backward()
     half(tokens(), labels=tokens()).loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in half.parameters() if p.requires_grad)
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    got = {n: p.grad.float() for n, p in half.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and want
+    for n in want:
+        assert want[n].norm() > 0 and (got[n] - want[n]).norm() < 0.05 * want[n].norm(), n
 
 
 def test_4bit_base_equals_dequantized_float_base():
@@ -138,8 +145,58 @@ def test_4bit_base_equals_dequantized_float_base():
     randomize_dora(q)
     f.load_state_dict({k: v for k, v in q.state_dict().items() if ".adapters." in k}, strict=False)
     torch.testing.assert_close(logits(q), logits(f), atol=1e-5, rtol=1e-5)
-    q.train()
-    q(tokens(), labels=tokens()).loss.backward()
+    # and so do the gradients of every adapter tensor (the 4-bit backward dequantizes the same weight)
+    for model in (q, f):
+        model.train()
+        model(tokens(), labels=tokens()).loss.backward()
+    want = {n: p.grad for n, p in f.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and all(w.abs().max() > 0 for w in want.values())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+
+
+def _reference_dora(base, dora, x, xd):
+    """Plain-autograd DoRA, PEFT's formula: base(x) + (c - 1) W0 xd + c s B A xd with c = m / ||W0 + sBA||
+    (norm detached); without dropout (xd is x) it is x W'^T + b, W' = c V."""
+    W0 = dense_weight(base)
+    c = dora.magnitude / mm.dora_norm(W0, dora.lora_A, dora.lora_B, dora.scale).detach().to(x.dtype)
+    lora = (xd @ dora.lora_A.T) @ dora.lora_B.T * dora.scale
+    return torch.nn.functional.linear(x, W0, base.bias) + (c - 1) * (xd @ W0.T) + c * lora
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_trainable_bias_gets_the_plain_gradient(dropout, conv1d):
+    # out = x W'^T + b: d/db is the plain sum of the output gradient, not scaled by m / ||V||
+    from transformers.pytorch_utils import Conv1D
+
+    from slimtune.layers.base import AdaptedLayer
+    from slimtune.layers.lora import drop_probability, keep_mask
+
+    torch.manual_seed(0)
+    base = (Conv1D(12, 16) if conv1d else torch.nn.Linear(16, 12)).double()
+    torch.nn.init.normal_(base.bias)
+    base.weight.requires_grad_(False)
+    dora = DoraLinear(base, 4, 8.0, dropout, fan_in_fan_out=conv1d).double()
+    layer = AdaptedLayer(base).train()
+    layer.add("a", dora)
+    with torch.no_grad():
+        dora.lora_B.normal_()
+        dora.magnitude.mul_(1.5)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 12, dtype=torch.float64)
+    leaves = (x, dora.lora_A, dora.lora_B, dora.magnitude, base.bias)
+    torch.manual_seed(1)
+    ours = torch.autograd.grad(layer(x), leaves, g)
+    torch.manual_seed(1)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    xd = x * keep_mask(x.detach().reshape(-1, 16), dropout, seed).view(x.shape) / (1 - drop_probability(dropout)) \
+        if dropout else x
+    want = torch.autograd.grad(_reference_dora(base, dora, x, xd), leaves, g)
+    for name, got, ref in zip(("x", "A", "B", "m", "bias"), ours, want):  # the row norm is computed in fp32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(ours[-1], g.sum((0, 1)))
 
 
 def test_dora_on_embedding_is_a_clear_error():

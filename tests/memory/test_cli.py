@@ -147,3 +147,17 @@ def test_gpu_sizes():
     assert gpu_bytes("24GB") == 24e9 and gpu_bytes("24GiB") == 24 * 2**30 == gpu_bytes("rtx-4090")
     with pytest.raises(ValueError, match="gpu='big': must be a size"):
         gpu_bytes("big")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_dtype_flag_counts_adapters_in_fp32_or_the_base_dtype(method):
+    # llama-2-7b, q and v at rank 8: 4,194,304 adapter parameters, fp32 by default (as slimtune creates them)
+    fp32 = as_json("--model", "llama-2-7b", "--method", method)
+    base = as_json("--model", "llama-2-7b", "--method", method, "--adapter-dtype", "base")
+    assert fp32["gradients"] == 4_194_304 * 4 and base["gradients"] == 4_194_304 * 2
+    assert fp32["weights"] - base["weights"] == 4_194_304 * 2
+    both = json.loads(run("estimate", "--model", "llama-2-7b", "--compare", "lora,qlora", "--adapter-dtype", "base",
+                          "--json"))
+    assert both["qlora"]["gradients"] == 4_194_304 * 2  # compare keeps the option for qlora too
+    result = CliRunner().invoke(app, ["estimate", "--model", "llama-2-7b", "--adapter-dtype", "bf16"])
+    assert result.exit_code == 2 and "precision.adapter_dtype='bf16': must be one of float32, base" in result.output

@@ -68,7 +68,7 @@ def test_qlora_tiny_llama_within_5_percent(batch, seq, ckpt):
     assert_close(TINY["llama"], Method("qlora"), Workload(batch, seq, ckpt))
 
 
-def test_qlora_counts_4bit_codes_statistics_and_bf16_adapters():
+def test_qlora_counts_4bit_codes_statistics_and_fp32_adapters():
     from slimtune.memory.compare import build_model
     from slimtune.memory.measure import prepare, weight_tensors
     from slimtune.quant import Linear4bit
@@ -77,7 +77,7 @@ def test_qlora_counts_4bit_codes_statistics_and_bf16_adapters():
     prepare(model, Method("qlora", rank=4, targets=("all-linear",)), Precision())
     quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert len(quantized) == 14 and not isinstance(model.lm_head, Linear4bit)
-    assert {p.dtype for p in model.parameters() if p.requires_grad} == {__import__("torch").bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {__import__("torch").float32}
     ids = {id(t) for t in weight_tensors(model)}
     assert all(id(b) in ids for m in quantized for b in m.buffers(recurse=False))
     assert_close(TINY["llama"], Method("qlora", rank=4, targets=("all-linear",)), Workload(2, 24, attention="eager"))
@@ -169,3 +169,18 @@ def test_smollm2_qlora_within_5_percent():
 ])
 def test_smollm2_dora_adapter_prompt_within_5_percent(method, batch, seq, ckpt):
     assert_close("smollm2-135m", Method(method), Workload(batch, seq, ckpt))
+
+
+@pytest.mark.parametrize("adapter_dtype, bytes_per", [("float32", 4), ("base", 2)])
+@pytest.mark.parametrize("method", ["lora", "dora", "adapter", "qlora"])
+def test_adapters_on_a_bf16_base_are_counted_as_created(method, adapter_dtype, bytes_per):
+    # slimtune.inject creates adapters in fp32 on a bf16 (or 4-bit) base unless adapter_dtype="base";
+    # the estimate counts their weights, gradients and AdamW moments in that dtype
+    precision = Precision(None if method == "qlora" else "bf16", adapter_dtype=adapter_dtype)
+    est, meas = measure_against_estimate(TINY["llama"], Method(method), precision, Workload(2, 16))
+    n = meas.trainable_params
+    assert meas.gradients == n * bytes_per == est["gradients"]
+    assert meas.optimizer >= 2 * n * bytes_per and est["optimizer"] == 2 * n * bytes_per
+    e, m = est.as_dict(), meas.as_dict()
+    for key in KEYS:
+        assert abs(e[key] - m[key]) <= TOLERANCE * max(m[key], 1), (key, e[key], m[key])

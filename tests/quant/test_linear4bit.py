@@ -42,7 +42,8 @@ def test_forward_backward_use_dequantized_weight():
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad, g @ w, rtol=0, atol=1e-6)
-    assert q.bias.grad is not None  # a trainable bias (bias="all") still gets its gradient
+    # a trainable bias (bias="all") gets the plain sum of the output gradient
+    torch.testing.assert_close(q.bias.grad, g.sum((0, 1)), rtol=1e-6, atol=1e-6)
 
 
 def test_backward_saves_nothing_weight_sized():
@@ -62,6 +63,24 @@ def test_compute_dtype(compute_dtype):
     assert y.dtype == torch.float32  # output comes back in the input's dtype
     ref = F.linear(x.to(compute_dtype), q.dequantize(), q.bias.to(compute_dtype)).float()
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_forward_and_backward_match_nn_linear_maths(compute_dtype):
+    # under autocast the layer computes as an nn.Linear would (bf16 matmul), in forward and backward
+    _, q = _layer(compute_dtype=compute_dtype)
+    q.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 130, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    g = torch.randn(y.shape)
+    y.backward(g.to(y.dtype))
+    xb, wb, bb = x.detach().bfloat16(), q.dequantize(torch.bfloat16), q.bias.detach().bfloat16()
+    torch.testing.assert_close(y.float(), F.linear(xb, wb, bb).float(), rtol=0, atol=0)
+    gb = g.to(y.dtype).bfloat16()
+    torch.testing.assert_close(x.grad, (gb @ wb).float(), rtol=0, atol=0)
+    # summed over tokens in fp32, then stored in the bias's dtype
+    torch.testing.assert_close(q.bias.grad, gb.float().sum((0, 1)).to(q.bias.dtype), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune import merging as merge_math
+from slimtune.layers.amp import compute_dtype, no_autocast
 
 
 def init_lora_A(A: Tensor, init: str, r: int) -> None:
@@ -29,7 +30,7 @@ def init_lora_A(A: Tensor, init: str, r: int) -> None:
 SAVE_MASK_ON = ("cpu",)  # device types where saving the dropout mask beats regenerating it
 
 
-class _LoraLinearFn(torch.autograd.Function):
+class LoraLinearFn(torch.autograd.Function):
     """base_out + s * (dropout(x) @ A^T) @ B^T, fused, saving x, the (tokens, r) product and at most a
     boolean keep-mask.
 
@@ -38,45 +39,54 @@ class _LoraLinearFn(torch.autograd.Function):
     where random numbers are nearly free, backward regenerates it and nothing extra is saved; on CPU,
     where the generator is serial and slow, the 1-byte mask is saved instead. The 1/(1-p) rescaling is
     folded into the (tokens, r) factor instead of a full-size multiply.
+
+    Dtypes: the maths runs in ``compute_dtype`` (autocast's dtype under autocast, else A's dtype) in
+    forward and backward alike; x is saved as given (no up-cast copy: it is usually the very tensor the
+    base layer saved) and cast again in backward; gradients come back in each input's own dtype.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
                 seed: int) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
-        keep = _keep_mask(x2, p, seed) if p > 0 else None  # (T, d_in) bool
-        xd = x2 * keep if keep is not None else x2  # dropped, not yet rescaled
-        xa = (xd @ A.T) * (scale / (1.0 - drop_probability(p)))  # (T, r)
-        del xd
-        out2 = base_out.reshape(-1, base_out.shape[-1])  # (T, d_out)
-        out = torch.addmm(out2, xa.to(out2.dtype), B.T.to(out2.dtype))  # (T, d_out)
-        save_keep = keep is not None and x.device.type in SAVE_MASK_ON
+        dev = x.device.type
+        cd = compute_dtype(dev, A.dtype)
+        with no_autocast(dev):
+            x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
+            keep = keep_mask(x2, p, seed) if p > 0 else None  # (T, d_in) bool
+            xd = x2.to(cd) * keep if keep is not None else x2.to(cd)  # dropped, not yet rescaled
+            xa = (xd @ A.to(cd).T) * (scale / (1.0 - drop_probability(p)))  # (T, r)
+            del xd
+            out2 = base_out.reshape(-1, base_out.shape[-1])  # (T, d_out)
+            out = torch.addmm(out2.to(cd), xa, B.to(cd).T).to(base_out.dtype)  # (T, d_out)
+        save_keep = keep is not None and dev in SAVE_MASK_ON
         ctx.save_for_backward(x, A, B, xa, *((keep,) if save_keep else ()))
-        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.scale, ctx.p, ctx.seed, ctx.cd = scale, p, seed, cd
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, A, B, xa, *saved_keep = ctx.saved_tensors
         need_x, need_out, need_A, need_B = ctx.needs_input_grad[:4]
-        g2 = g.reshape(-1, g.shape[-1]).to(B.dtype)  # (T, d_out)
-        grad_B = g2.T @ xa if need_B else None  # (d_out, r)
+        cd = ctx.cd
+        g2 = g.reshape(-1, g.shape[-1]).to(cd)  # (T, d_out)
+        grad_B = (g2.T @ xa).to(B.dtype) if need_B else None  # (d_out, r)
         grad_x = grad_A = None
         if need_x or need_A:
-            gxa = (g2 @ B) * (ctx.scale / (1.0 - drop_probability(ctx.p)))  # (T, r)
+            gxa = (g2 @ B.to(cd)) * (ctx.scale / (1.0 - drop_probability(ctx.p)))  # (T, r)
             x2 = x.reshape(-1, x.shape[-1])
-            keep = saved_keep[0] if saved_keep else (_keep_mask(x2, ctx.p, ctx.seed) if ctx.p > 0 else None)
+            keep = saved_keep[0] if saved_keep else (keep_mask(x2, ctx.p, ctx.seed) if ctx.p > 0 else None)
             if need_A:
-                grad_A = gxa.T @ (x2 * keep if keep is not None else x2)  # (r, d_in)
+                xc = x2.to(cd)
+                grad_A = (gxa.T @ (xc * keep if keep is not None else xc)).to(A.dtype)  # (r, d_in)
             if need_x:
-                gx = gxa @ A  # (T, d_in)
+                gx = gxa @ A.to(cd)  # (T, d_in)
                 if keep is not None:
                     gx = gx.mul_(keep)
                 grad_x = gx.view(x.shape).to(x.dtype)
         return grad_x, (g if need_out else None), grad_A, grad_B, None, None, None
 
 
-def _keep_mask(x2: Tensor, p: float, seed: int) -> Tensor:
+def keep_mask(x2: Tensor, p: float, seed: int) -> Tensor:
     """Boolean keep-mask shaped like ``x2``, a pure function of ``seed`` (so backward can regenerate it).
 
     Each element draws 16 random bits (four per 64-bit word, about 2.5x faster on CPU than a float per
@@ -90,13 +100,14 @@ def _keep_mask(x2: Tensor, p: float, seed: int) -> Tensor:
     return bits >= round(p * 65536) - 32768
 
 
+def new_seed() -> int:
+    """A dropout seed drawn from torch's global generator (so ``torch.manual_seed`` fixes the masks)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def drop_probability(p: float) -> float:
-    """The dropout probability ``_keep_mask`` realises for a requested ``p`` (within 7.7e-6 of it)."""
+    """The dropout probability ``keep_mask`` realises for a requested ``p`` (within 7.7e-6 of it)."""
     return round(p * 65536) / 65536
-
-
-def _dropout(x2: Tensor, p: float, seed: int) -> Tensor:
-    return x2 if p == 0 else x2 * _keep_mask(x2, p, seed) * (1.0 / (1.0 - drop_probability(p)))
 
 
 class _LoraBase(nn.Module):
@@ -151,9 +162,8 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module) -> Tensor:
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        x = x.to(self.lora_A.dtype)
-        return _LoraLinearFn.apply(x, base_out, self.lora_A, self.lora_B, self.scale, p, seed)
+        seed = new_seed() if p > 0 else 0
+        return LoraLinearFn.apply(x, base_out, self.lora_A, self.lora_B, self.scale, p, seed)
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         return merge_math.linear_delta(self.lora_A, self.lora_B, self.scale, self.fan_in_fan_out)

@@ -85,25 +85,27 @@ def quantized_linear(g: Graph, x: Sym, d_out: int, tokens: int, bpe: float) -> S
 
 
 def lora_branch(g: Graph, x: Sym, y: Sym, r: int, tokens: int, bpe: float, dora: bool = False) -> Sym:
-    """LoRA ``y + s * B(A(x))`` (Hu et al. 2021): A saves x (shared with the base linear), B saves the
-    (tokens, r) intermediate ``A x``; the scalar scale and the add save nothing. LoRA dropout is
-    not modelled (it is 0 here): with it, slimtune re-draws the mask in backward on CUDA (nothing kept)
-    and keeps a 1-byte mask of x's size on CPU.
+    """LoRA ``y + s * B(A(x))`` (Hu et al. 2021) as slimtune's ``LoraLinearFn`` runs it: it saves x as
+    given (shared with the base linear; no up-cast copy) and the (tokens, r) product ``A x`` in the
+    adapters' dtype (``bpe``: fp32 adapters on a bf16 base keep it in fp32). LoRA dropout is not
+    modelled (it is 0 here): with it, slimtune re-draws the mask in backward on CUDA (nothing kept) and
+    keeps a 1-byte mask of x's size on CPU.
 
-    DoRA (Liu et al. 2024) as slimtune runs it (``layers/dora.py``, ``_DoraLinearFn``): one custom
+    DoRA (Liu et al. 2024) as slimtune runs it (``layers/dora.py``, ``DoraLinearFn``): one custom
     autograd function whose ``save_for_backward(x, A, B, xa, y, c, norm)`` keeps, besides the
-    parameters A and B, the layer input x, the (tokens, r) product ``xa``, the un-scaled adapted output
-    ``y = (W0 + s B A) x`` as a fresh (tokens, d_out) tensor (the base output itself is not kept), the
-    (d_out,) scale ``c = m / norm`` in the compute dtype and the (d_out,) fp32 row norm (detached,
-    recomputed every forward from (d_out, r) products).
+    parameters A and B, the layer input x, the (tokens, r) product ``xa`` (adapter dtype), the
+    un-scaled adapted output ``y = (W0 + s B A) x`` as a fresh (tokens, d_out) tensor in the narrower of
+    the adapter and activation dtypes (the base output itself is not kept), the (d_out,) fp32 scale
+    ``c = m / norm`` and the (d_out,) fp32 row norm (detached, recomputed every forward from (d_out, r)
+    products). The output comes back in the base output's dtype.
     """
     mid = g.new(tokens * r, bpe, True, "lora_mid")
     g.save(x, mid)
     if dora:
         d_out = y.numel // tokens
-        g.save(g.new(y.numel, bpe, True, "dora_y"), g.new(d_out, bpe, False, "dora_scale"),
+        g.save(g.new(y.numel, min(bpe, y.bpe), True, "dora_y"), g.new(d_out, FP32, False, "dora_scale"),
                g.new(d_out, FP32, False, "dora_norm"))
-    return g.new(y.numel, bpe, True, "lora_out")
+    return g.new(y.numel, y.bpe, True, "lora_out")
 
 
 ADAPTER_NONLINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -115,15 +117,16 @@ def bottleneck_adapter(g: Graph, x: Sym, m: int, tokens: int, bpe: float, nonlin
     the wrapped layer's output; ``up`` saves its input, the (tokens, m) activation output. ``relu``
     (``BottleneckConfig``'s default) and ``tanh`` compute their gradient from that same output, so
     nothing more is kept; ``gelu``/``silu`` also keep their input, the (tokens, m) down output. The
-    scalar scale, the cast (same dtype) and the residual add save nothing."""
+    scalar scale and the residual add save nothing. ``bpe`` is the adapter's dtype: when it differs
+    from x's (fp32 adapters on a bf16 base), ``down`` saves the up-cast copy of x instead of x itself."""
     if nonlinearity not in ADAPTER_NONLINEARITIES:
         raise ValueError(f"nonlinearity={nonlinearity!r}: must be one of {', '.join(ADAPTER_NONLINEARITIES)}")
     down = g.new(tokens * m, bpe, True, "adapter_down")
     act = g.new(tokens * m, bpe, True, "adapter_act")
-    g.save(x, act)
+    g.save(x if bpe == x.bpe else g.new(x.numel, bpe, True, "adapter_in"), act)
     if nonlinearity in ("gelu", "silu"):
         g.save(down)
-    return g.new(x.numel, bpe, True, "adapter_out")
+    return g.new(x.numel, x.bpe, True, "adapter_out")
 
 
 def dropout(g: Graph, x: Sym, p: float) -> Sym:

@@ -38,6 +38,8 @@ def estimate_command(
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, sgd or none"),
     optim_dtype: str = typer.Option("fp32", help="dtype of the optimizer moments: fp32, bf16 or fp16"),
     master_weights: bool = typer.Option(False, "--master-weights", help="add an fp32 copy of trainable weights"),
+    adapter_dtype: str = typer.Option("float32", help="LoRA/DoRA/adapter parameters on a 16-bit or 4-bit base: "
+                                      "float32 (default, as created) or base (the compute dtype)"),
     batch: int = typer.Option(1, min=1), seq: int = typer.Option(512, min=1),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="keep only block inputs"),
     attention: str = typer.Option("sdpa", help="sdpa (fused, no s^2 term) or eager"),
@@ -61,7 +63,7 @@ def estimate_command(
     try:
         ref = model if model is not None else params
         m = Method(method, rank, _split(targets), trainable_layers, adapter_dim, prompt_tokens)
-        p = Precision(weight_dtype, grad_dtype, optimizer, optim_dtype, master_weights)
+        p = Precision(weight_dtype, grad_dtype, optimizer, optim_dtype, master_weights, adapter_dtype=adapter_dtype)
         w = Workload(batch, seq, grad_checkpointing, attention)
         methods = _split(compare) or (method,)
         estimates = est.compare(ref, methods, m, p, w, trainable)
@@ -82,7 +84,7 @@ def estimate_command(
 
         typer.echo(f"plot written to {plot_components(estimates, plot)}", err=as_json)
     if measure:
-        _measure(ref, m, Precision(weight_dtype, grad_dtype, optimizer, optim_dtype, master_weights), w)
+        _measure(ref, m, p, w)
 
 
 def _measure(ref: object, method, precision, workload) -> None:

@@ -11,7 +11,7 @@ worked out op by op in :mod:`slimtune.memory.families`; 0 when only a parameter 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slimtune.memory import formulas as f
@@ -143,8 +143,9 @@ def weight_component(model: Architecture | int, method: Method, precision: Preci
     """
     base, compute = precision.base_dtype(method.name), precision.compute_dtype(method.name)
     adapters = trainable if method.name not in ("full", "freeze") else 0
-    adapter_bytes = adapters * f.DTYPE_BYTES[compute]
-    tail = f" + {_n(adapters)} added x {_b(f.DTYPE_BYTES[compute])} ({compute})" if adapters else ""
+    added = precision.trainable_dtype(method.name)  # fp32 adapters on a 16-bit base, by default
+    adapter_bytes = adapters * f.DTYPE_BYTES[added]
+    tail = f" + {_n(adapters)} added x {_b(f.DTYPE_BYTES[added])} ({added})" if adapters else ""
     total = model if isinstance(model, int) else total_params(model)
     if base not in f.QUANT_DTYPES:
         per = f.DTYPE_BYTES[base]
@@ -209,6 +210,7 @@ def training_for(arch: Architecture, method: Method, precision: Precision, workl
     """What the activation maths needs: which weights train, which adapters run, the compute dtype."""
     name, layers = method.name, arch.layers
     common = dict(batch=workload.batch, seq=workload.seq, bpe=f.DTYPE_BYTES[precision.compute_dtype(name)],
+                  adapter_bpe=f.DTYPE_BYTES[precision.trainable_dtype(name)],
                   device=workload.device, attention=workload.attention, checkpointing=workload.checkpointing)
     if name == "full":
         return Training(**common, trains_embeddings=True, trains_head=True)
@@ -285,8 +287,7 @@ def compare(model: ModelLike, methods: tuple[str, ...], method: Method | None = 
     for name in methods:
         p = precision
         if name == "qlora" and precision.weight_dtype not in (None, "nf4"):
-            p = Precision(None, precision.grad_dtype, precision.optimizer, precision.optim_dtype,
-                          precision.master_weights, precision.double_quant)
+            p = replace(precision, weight_dtype=None)
         m = Method(name, base.rank, base.targets, base.trainable_layers, base.adapter_dim, base.prompt_tokens)
         out.append(estimate(model, m, p, workload, None if name == "full" else trainable))
     return out

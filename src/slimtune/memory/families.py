@@ -28,7 +28,8 @@ class Training:
     none). ``lora_targets`` empty means no LoRA; ``adapter_dim`` 0 means no bottleneck adapters
     (``adapter_nonlinearity``: their activation, relu as ``BottleneckConfig``); ``prompt_tokens``
     virtual tokens are prepended (prompt tuning). ``bpe``: bytes per activation element (the compute
-    dtype). ``quantized_base``: the frozen block linears are 4-bit layers
+    dtype). ``adapter_bpe``: bytes per element of the adapters' parameters and the maths they run in
+    (fp32 adapters on a bf16 base by default; None: ``bpe``). ``quantized_base``: the frozen block linears are 4-bit layers
     (QLoRA), which keep nothing for backward (:func:`activations.quantized_linear`).
     """
 
@@ -48,6 +49,12 @@ class Training:
     adapter_nonlinearity: str = ADAPTER_NONLINEARITY
     prompt_tokens: int = 0
     quantized_base: bool = False
+    adapter_bpe: float | None = None
+
+    @property
+    def abpe(self) -> float:
+        """Bytes per element of what the adapters compute (their parameters' dtype)."""
+        return self.adapter_bpe or self.bpe
 
     @property
     def seq_total(self) -> int:
@@ -83,7 +90,7 @@ def _proj(g: Graph, x: Sym, spec: LinearSpec, t: Training, trains: bool) -> Sym:
     else:
         y = ops.linear(g, x, spec.d_out, t.tokens, trains, t.bpe)
     if t.lora_targets and matches(spec, t.lora_targets):
-        y = ops.lora_branch(g, x, y, t.lora_rank, t.tokens, t.bpe, dora=t.dora)
+        y = ops.lora_branch(g, x, y, t.lora_rank, t.tokens, t.abpe, dora=t.dora)
     return y
 
 
@@ -92,7 +99,7 @@ def _adapt(g: Graph, y: Sym, t: Training) -> Sym:
     projection itself (``AdaptedLayer``), so the adapter sees its raw output, before any dropout."""
     if not t.adapter_dim:
         return y
-    return ops.bottleneck_adapter(g, y, t.adapter_dim, t.tokens, t.bpe, t.adapter_nonlinearity)
+    return ops.bottleneck_adapter(g, y, t.adapter_dim, t.tokens, t.abpe, t.adapter_nonlinearity)
 
 
 def _residual(g: Graph, a: Sym, b: Sym) -> Sym:
@@ -182,7 +189,7 @@ def _head(g: Graph, x: Sym, arch: Architecture, t: Training) -> None:
     if arch.family == "bert":  # MLM head: dense, activation, LayerNorm, decoder; no upcast in the loss
         dense = head_linears(arch)[0]  # a LoRA/DoRA target too when the targets match it (all-linear)
         y = ops.linear(g, x, arch.hidden, t.tokens, t.trains_head, t.bpe)
-        x = ops.lora_branch(g, x, y, t.lora_rank, t.tokens, t.bpe, dora=t.dora) \
+        x = ops.lora_branch(g, x, y, t.lora_rank, t.tokens, t.abpe, dora=t.dora) \
             if t.lora_targets and matches(dense, t.lora_targets) else y
         x = ops.layernorm(g, ops.activation(g, x, arch.activation), t.tokens, t.trains_head)
         logits = ops.linear(g, x, arch.vocab, t.tokens, head_w, t.bpe)

@@ -84,8 +84,9 @@ def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Mod
     ``BottleneckConfig(size=adapter_dim)`` and its defaults (both positions, relu, no dropout, scale 1:
     what the estimator models); prompt-tuning through :func:`slimtune.methods.prepare` with
     ``PromptTuningConfig(num_virtual_tokens=prompt_tokens)``, after which the prompt table (created in
-    fp32 by ``inject_prompt``) is cast to the compute dtype like every other adapter. Adapters take the
-    compute dtype, as the estimate assumes.
+    fp32 by ``inject_prompt``) is cast to the compute dtype. LoRA, DoRA and bottleneck adapters are
+    created as ``slimtune.inject`` creates them (``precision.adapter_dtype``: fp32 on a 16-bit or
+    quantized base by default, else the compute dtype), as the estimate assumes.
 
     qlora quantizes the block linears only (embeddings, norms and the output head stay in the compute
     dtype, as the estimate assumes) and raises ValueError for a model whose blocks hold no ``nn.Linear``
@@ -111,12 +112,14 @@ def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Mod
             _quantize_blocks(model, dtype, precision.double_quant)
         slimtune.inject(model, slimtune.LoraConfig(r=method.rank, alpha=2 * method.rank, dropout=0.0,
                                                    target_modules=_lora_targets(method, model),
-                                                   use_dora=method.name == "dora"))
+                                                   use_dora=method.name == "dora",
+                                                   adapter_dtype=precision.adapter_dtype))
         return model
     if method.name == "adapter":
         # BottleneckConfig's defaults otherwise (both positions, relu, no dropout, scale 1), which is
         # what the estimator models (families.ADAPTER_NONLINEARITY).
-        slimtune.inject(model, slimtune.BottleneckConfig(size=method.adapter_dim))
+        slimtune.inject(model, slimtune.BottleneckConfig(size=method.adapter_dim,
+                                                         adapter_dtype=precision.adapter_dtype))
         return model
     if method.name == "prompt-tuning":
         from slimtune.config import PromptTuningConfig

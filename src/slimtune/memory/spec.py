@@ -13,6 +13,8 @@ from slimtune.memory.formulas import DTYPE_BYTES, FLOAT_DTYPES, QUANT_DTYPES
 METHODS = ("full", "freeze", "lora", "qlora", "dora", "adapter", "prompt-tuning")
 PEFT_METHODS = ("lora", "qlora", "dora", "adapter", "prompt-tuning")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "none")
+ADAPTER_METHODS = ("lora", "qlora", "dora", "adapter")  # adapters slimtune.inject creates (adapter_dtype)
+ADAPTER_DTYPES = ("float32", "base")
 ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 
@@ -63,6 +65,8 @@ class Precision:
     block linears' weight matrices in int8/nf4, the rest in the compute dtype (bf16). ``grad_dtype``
     (None: that of the trainable weights). ``optim_dtype``: AdamW moments / SGD momentum.
     ``master_weights``: an fp32 copy of every trainable weight (mixed precision).
+    ``adapter_dtype``: LoRA/DoRA/bottleneck adapters on a 16-bit or quantized base are ``float32``
+    (slimtune's and PEFT's default) or in the ``base`` compute dtype (``LoraConfig.adapter_dtype``).
     """
 
     weight_dtype: str | None = None
@@ -71,6 +75,7 @@ class Precision:
     optim_dtype: str = "fp32"
     master_weights: bool = False
     double_quant: bool = True
+    adapter_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.weight_dtype is not None:
@@ -79,6 +84,7 @@ class Precision:
             _one_of("precision.grad_dtype", self.grad_dtype, FLOAT_DTYPES)
         _one_of("precision.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("precision.optim_dtype", self.optim_dtype, FLOAT_DTYPES)
+        _one_of("precision.adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         for field in ("master_weights", "double_quant"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"precision.{field}={getattr(self, field)!r}: must be true or false")
@@ -106,8 +112,13 @@ class Precision:
         return base if base in FLOAT_DTYPES else "bf16"
 
     def trainable_dtype(self, method: str) -> str:
-        """Dtype of the trainable weights: the base's for full/freeze, the compute dtype for adapters."""
-        return self.compute_dtype(method)
+        """Dtype of the trainable weights: the base's for full/freeze and prompt tuning; for adapters
+        (lora, qlora, dora, adapter) fp32 on a 16-bit or quantized base unless ``adapter_dtype='base'``,
+        which keeps the compute dtype (as ``slimtune.inject`` creates them)."""
+        compute = self.compute_dtype(method)
+        if method in ADAPTER_METHODS and self.adapter_dtype == "float32" and compute in ("bf16", "fp16"):
+            return "fp32"
+        return compute
 
     def gradient_dtype(self, method: str) -> str:
         """``grad_dtype``, or the trainable weights' dtype."""

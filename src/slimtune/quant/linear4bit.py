@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimtune.layers.amp import compute_dtype, no_autocast
 from slimtune.quant.blockwise import NESTED_BLOCK_SIZE, dynamic_map
 from slimtune.quant.nf4 import (FLOAT_DTYPES, QuantState, check_block_size, dequantize_nf4, nf4_code,
                                 quantize_nf4)
@@ -34,23 +35,32 @@ _STAT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class _Linear4bitFn(torch.autograd.Function):
-    """y = x @ W^T + b with W dequantized in forward and again in backward; nothing weight-sized is saved."""
+class Linear4bitFn(torch.autograd.Function):
+    """y = x @ W^T + b with W dequantized in forward and again in backward; nothing weight-sized is saved.
+
+    The maths runs in autocast's dtype under autocast (as ``nn.Linear`` would), else in x's dtype; the
+    bias gradient is summed in at least float32 and each gradient comes back in its input's dtype.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, layer: "Linear4bit") -> Tensor:
-        w = layer.dequantize()  # (out, in) compute dtype
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        return F.linear(x, w, bias)
+        dev = x.device.type
+        cd = compute_dtype(dev, x.dtype)
+        with no_autocast(dev):
+            w = layer.dequantize(cd)  # (out, in)
+            out = F.linear(x.to(cd), w, None if bias is None else bias.to(cd))
+        ctx.layer, ctx.cd, ctx.x_dtype = layer, cd, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ ctx.layer.dequantize().to(g.dtype)  # (..., in)
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_b = g.reshape(-1, g.shape[-1]).sum(0)
+            grad_x = (g.to(ctx.cd) @ ctx.layer.dequantize(ctx.cd)).to(ctx.x_dtype)  # (..., in)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            acc = torch.promote_types(g.dtype, torch.float32)
+            grad_b = g.reshape(-1, g.shape[-1]).to(acc).sum(0).to(ctx.bias_dtype)  # (out,)
         return grad_x, grad_b, None
 
 
@@ -152,7 +162,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         in_dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = _Linear4bitFn.apply(x.to(self.compute_dtype), bias, self)
+        out = Linear4bitFn.apply(x.to(self.compute_dtype), bias, self)
         return out.to(in_dtype)
 
     def quantized_tensors(self) -> list[Tensor]:

@@ -328,7 +328,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
 def _attach(model: nn.Module, name: str, module: nn.Module, adapter: nn.Module, config: AdapterConfig,
             adapter_name: str, log: Rollback) -> WrappedModule:
     """Add ``adapter`` to the (new or existing) wrapper at ``name``."""
-    base = _base_of(module)  # make_adapter already placed the adapter on the base's device, in its dtype
+    base = _base_of(module)  # make_adapter already placed the adapter (device, adapter_dtype)
     adapter.train(base.training)  # a new adapter in an eval() model must not apply dropout
     if not isinstance(module, AdaptedLayer):
         module = AdaptedLayer(base).train(base.training)

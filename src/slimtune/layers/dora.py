@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from slimtune import merging as merge_math
 from slimtune.layers.lora import LoraLinear, _dropout
@@ -23,7 +24,7 @@ from slimtune.layers.lora import LoraLinear, _dropout
 def dense_weight(base: nn.Module) -> Tensor:
     """The base weight as (d_out, d_in), whatever the storage: nn.Linear, GPT-2 Conv1D (stored
     transposed) or a quantized linear (dequantized on the fly)."""
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
+    if isinstance(base, Conv1D):
         return base.weight.T
     if isinstance(base, nn.Linear):
         return base.weight

@@ -108,15 +108,18 @@ def test_measure_flag_prints_estimate_vs_measured(tmp_path):
     assert "measured on cpu" in out and "activations" in out.split("measured on cpu")[1]
 
 
-@pytest.mark.parametrize("family, method", [("llama", "dora"), ("gpt2", "dora"), ("bert", "adapter"),
-                                            ("llama", "prompt-tuning"), ("gpt2", "adapter"), ("bert", "prompt-tuning")])
-def test_measure_flag_for_dora_adapter_prompt(tmp_path, family, method):
+METHOD_FLAGS = {"dora": ("--rank", "4"), "bottleneck": ("--adapter-dim", "16"), "prompt": ("--prompt-tokens", "8")}
+
+
+@pytest.mark.parametrize("family, method", [("llama", "dora"), ("gpt2", "dora"), ("bert", "bottleneck"),
+                                            ("llama", "prompt"), ("gpt2", "bottleneck"), ("bert", "prompt")])
+def test_measure_flag_for_dora_bottleneck_prompt(tmp_path, family, method):
     pytest.importorskip("torch")
     from .conftest import TINY
 
     (tmp_path / "config.json").write_text(json.dumps(TINY[family]))
     out = run("estimate", "--model", str(tmp_path / "config.json"), "--method", method, "--batch", "2", "--seq",
-              "16", "--rank", "4", "--adapter-dim", "16", "--prompt-tokens", "8", "--measure")
+              "16", *METHOD_FLAGS[method], "--measure")
     rows = out.split("measured on cpu")[1].splitlines()[2:7]
     assert [r.split()[0] for r in rows] == ["weights", "gradients", "optimizer", "activations", "total"]
     assert all(abs(float(r.split()[-1].rstrip("%"))) <= 5.0 for r in rows), out

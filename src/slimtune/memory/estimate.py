@@ -280,11 +280,16 @@ def compare(model: ModelLike, methods: tuple[str, ...], method: Method | None = 
             trainable: int | None = None) -> list[Estimate]:
     """:func:`estimate` for several methods sharing the other settings (their names normalised, see
     :mod:`slimtune.vocab`). qlora keeps its nf4 base even when ``precision.weight_dtype`` names another
-    dtype for the other methods. ``trainable`` applies to every method but ``full``."""
+    dtype for the other methods. ``trainable`` applies to every method but ``full`` (with only full:
+    ValueError, rather than ignoring it)."""
     base = method or Method()
     precision = precision or Precision()
+    names = tuple(canonical_method(n) for n in methods)
+    if trainable is not None and set(names) == {"full"}:
+        raise ValueError(f"trainable={trainable!r} with method full: full fine-tuning trains every parameter; "
+                         "trainable counts the other methods' parameters")
     out = []
-    for name in (canonical_method(n) for n in methods):
+    for name in names:
         p = precision
         if name == "qlora" and precision.weight_dtype not in (None, "nf4"):
             p = Precision(None, precision.grad_dtype, precision.optimizer, precision.optim_dtype,

@@ -1,5 +1,6 @@
 """The CLI is thin: check that commands are wired, validate input, and print what they promise."""
 
+import re
 import subprocess
 import sys
 
@@ -188,4 +189,5 @@ def test_demo_runs_dora_from_a_config_file(tmp_path):
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "slimtune dora adapter 'default': wrapped 210 modules" in result.output
+    assert re.search(r"full fine-tune [\d,.]+ MB -> dora [\d,.]+ MB", result.output)  # dora, not lora
     assert "reloaded onto a fresh base: max logit diff" in result.output

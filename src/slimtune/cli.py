@@ -1,7 +1,8 @@
 """The ``slimtune`` command: thin subcommands, each calling one library function.
 
 torch is imported only inside the commands that need it, so ``slimtune --help`` and the memory
-estimator start instantly.
+estimator start instantly. Bad input (a config file, a flag value, a flag combination) prints one
+``error:`` line naming the flag or field and exits 2 (:mod:`slimtune.cli_errors`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from slimtune.cli_errors import exit_2_on_bad_input
 from slimtune.memory.commands import register as register_memory_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -17,14 +19,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 @app.command()
+@exit_2_on_bad_input
 def demo(
     steps: int = typer.Option(30, min=1, help="training steps (a few seconds each on a 2-core CPU)"),
     config: Path = typer.Option(None, exists=True, dir_okay=False,
                                 help="a method config (YAML): lora, dora, bottleneck, prompt, freeze or full; "
                                      "see configs/. Default: LoRA r=--rank on all linear layers"),
-    rank: int = typer.Option(8, min=1, help="LoRA rank r (without --config): higher = more capacity, more memory"),
-    alpha: float = typer.Option(16.0, help="LoRA alpha (without --config); the update is scaled by alpha / r"),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
+    rank: int = typer.Option(None, min=1, help="LoRA rank r (default 8): higher = more capacity, more memory; "
+                                               "with a lora/dora --config it replaces the file's r"),
+    alpha: float = typer.Option(None, help="LoRA alpha (default 16); the update is scaled by alpha / r; "
+                                           "with a lora/dora --config it replaces the file's alpha"),
+    lr: float = typer.Option(1e-3, min=0.0, help="AdamW learning rate"),
     batch: int = typer.Option(8, min=1), seq: int = typer.Option(64, min=8),
     quick: bool = typer.Option(False, help="2 training plays, a small held-out set, short generations"),
     qlora: bool = typer.Option(False, "--qlora", help="QLoRA: load the base in NF4 (4.127 bits per weight) and "
@@ -33,31 +38,37 @@ def demo(
 ) -> None:
     """Fine-tune the real SmolLM2-135M on Shakespeare: report, loss, generations, adapter file."""
     from slimtune.config import load_config
-    from slimtune.demo import check_qlora, run_demo
+
+    cfg = load_config(config) if config else None  # a bad file fails here, before torch is imported
+    from slimtune.demo import run_demo
 
     sizes = dict(train_plays=2, heldout_blocks=8, new_tokens=8) if quick else {}
-    cfg = load_config(config) if config else None
-    try:
-        check_qlora(cfg, qlora)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--qlora") from None
     run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out, config=cfg,
              qlora=qlora, **sizes)
 
 
+def target_spec(targets: str) -> str | tuple[str, ...]:
+    """``--targets``: ``all-linear``, a regex (no comma, a regex character), or comma-separated names."""
+    if targets == "all-linear" or "," not in targets and any(c in targets for c in "*[(|\\"):
+        return targets
+    return tuple(t.strip() for t in targets.split(","))
+
+
 @app.command()
+@exit_2_on_bad_input
 def inspect(
     targets: str = typer.Option("all-linear", help="comma-separated module names, a regex, or all-linear"),
     rank: int = typer.Option(8, min=1), alpha: float = typer.Option(16.0),
 ) -> None:
     """Show what LoRA would wrap in SmolLM2-135M and how many parameters would train."""
+    from slimtune.config import LoraConfig
+
+    cfg = LoraConfig(r=rank, alpha=alpha, target_modules=target_spec(targets))  # checked before the model loads
     import slimtune
     from slimtune.assets import load_smollm2
 
     model, _ = load_smollm2()
-    spec = targets if targets == "all-linear" or "," not in targets and any(c in targets for c in "*[(|\\") \
-        else tuple(t.strip() for t in targets.split(","))
-    typer.echo(str(slimtune.inject(model, slimtune.LoraConfig(r=rank, alpha=alpha, target_modules=spec))))
+    typer.echo(str(slimtune.inject(model, cfg)))
 
 
 @app.command()

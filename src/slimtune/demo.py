@@ -8,6 +8,7 @@ hundred KB that reloads onto a fresh base with identical outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import nn
 
 import slimtune
 from slimtune.assets import load_smollm2
+from slimtune.config import ConfigError, LoraConfig, MethodConfig
 from slimtune.data import shakespeare_text, token_blocks
 
 HELD_OUT_PLAY = "romeo-and-juliet"
@@ -55,7 +57,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def memory_saving(total_params: int, trainable: int, method: str = "LoRA") -> str:
+def memory_saving(total_params: int, trainable: int, method: str = "lora") -> str:
     """Gradients + AdamW moments in fp32 (4 + 8 bytes per trainable parameter), full vs LoRA."""
     full, lora = 12 * total_params, 12 * trainable
     return (f"gradients + AdamW state (fp32, 12 bytes per trainable param): full fine-tune "
@@ -66,17 +68,50 @@ def default_config(rank: int = 8, alpha: float = 16.0) -> slimtune.LoraConfig:
     return slimtune.LoraConfig(r=rank, alpha=alpha, dropout=0.05, target_modules="all-linear")
 
 
-def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e-3, batch: int = 8,
-             seq: int = 64, out_dir: str | Path = "runs/demo", seed: int = 0, log=print,
-             train_plays: int = 12, heldout_blocks: int = 48, new_tokens: int = 40,
-             config=None, qlora: bool = False) -> DemoResult:
-    """Train ``config``'s method (default: LoRA r=``rank`` on all linear layers) on the real SmolLM2-135M.
+class DemoOptionError(ValueError):
+    """A demo option that is invalid or conflicts with the config; the message names its CLI flag."""
 
-    ``qlora``: load the base with its linear layers in NF4 (``slimtune.load_quantized``) and train the
-    adapter on top. Raises ValueError for ``qlora`` with freeze/full, which train the (4-bit) base itself.
+
+def demo_config(config: MethodConfig | None = None, rank: int | None = None, alpha: float | None = None,
+                qlora: bool = False) -> MethodConfig:
+    """The config the demo trains: ``config`` with ``rank``/``alpha`` applied, or LoRA on all linear layers.
+
+    ``rank``/``alpha`` (``--rank``/``--alpha``) set a lora/dora config's r and alpha: the flag wins over
+    the file. Other methods have neither, so there they are refused rather than ignored. Raises
+    DemoOptionError naming the flag (also for ``qlora`` with freeze/full, see :func:`check_qlora`).
     """
-    config = config or default_config(rank, alpha)
+    given = {flag: v for flag, v in (("--rank", rank), ("--alpha", alpha)) if v is not None}
+    if config is not None and given and not isinstance(config, LoraConfig):
+        flag, value = next(iter(given.items()))
+        raise DemoOptionError(f"{flag}={value!r} with method {config.method}: --rank and --alpha set a lora or "
+                              f"dora config's r and alpha; {config.method} has neither (set its fields in the "
+                              "config file)")
+    try:
+        if config is None:
+            config = default_config(8 if rank is None else rank, 16.0 if alpha is None else alpha)
+        elif given:
+            config = dataclasses.replace(config, r=config.r if rank is None else rank,
+                                         alpha=config.alpha if alpha is None else alpha)
+    except ConfigError as exc:
+        raise DemoOptionError(f"{' '.join(f'{k}={v!r}' for k, v in given.items())}: {exc}") from None
     check_qlora(config, qlora)
+    return config
+
+
+def run_demo(steps: int = 30, rank: int | None = None, alpha: float | None = None, lr: float = 1e-3,
+             batch: int = 8, seq: int = 64, out_dir: str | Path = "runs/demo", seed: int = 0, log=print,
+             train_plays: int = 12, heldout_blocks: int = 48, new_tokens: int = 40,
+             config: MethodConfig | None = None, qlora: bool = False) -> DemoResult:
+    """Train ``config``'s method (default: LoRA r=``rank`` (8) on all linear layers) on the real SmolLM2-135M.
+
+    ``rank``/``alpha`` override a lora/dora config's (see :func:`demo_config`). ``qlora``: load the base
+    with its linear layers in NF4 (``slimtune.load_quantized``) and train the adapter on top. Raises
+    DemoOptionError (a ValueError), before loading anything, for options that conflict with the config
+    (``qlora`` with freeze/full, which train the 4-bit base itself) or an ``out_dir`` that is a file.
+    """
+    config = demo_config(config, rank, alpha, qlora)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DemoOptionError(f"--out={str(out_dir)!r}: is a file; the demo writes an adapter folder inside it")
     torch.manual_seed(seed)
     t0 = time.time()
     model, tokenizer = _load_base(qlora, log)
@@ -89,7 +124,7 @@ def run_demo(steps: int = 30, rank: int = 8, alpha: float = 16.0, lr: float = 1e
 
     report = slimtune.prepare(model, config, tokenizer=tokenizer)
     log(str(report))
-    log(memory_saving(report.total_params - report.trainable_params, report.trainable_params, config.method) + "\n")
+    log(memory_saving(report.total_params - report.trainable_params, report.trainable_params, report.method) + "\n")
 
     before = heldout_loss(model, heldout)
     log(f"held-out loss before: {before:.3f} (perplexity {math.exp(before):.1f})")
@@ -133,11 +168,11 @@ def _train(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, batch:
     return losses
 
 
-def check_qlora(config, qlora: bool) -> None:
-    """Raise ValueError when ``qlora`` is asked with a method that trains the (then 4-bit) base."""
+def check_qlora(config: MethodConfig | None, qlora: bool) -> None:
+    """Raise DemoOptionError when ``qlora`` is asked with a method that trains the (then 4-bit) base."""
     if qlora and config is not None and config.method in ("freeze", "full"):
-        raise ValueError(f"qlora=True with method={config.method!r}: {config.method} tuning trains the base "
-                         "weights, which are 4-bit and frozen under QLoRA; use lora, dora, bottleneck or prompt")
+        raise DemoOptionError(f"--qlora with method {config.method}: {config.method} tuning trains the base "
+                              "weights, which are 4-bit and frozen under QLoRA; use lora, dora, bottleneck or prompt")
 
 
 def _load_base(qlora: bool, log) -> tuple[nn.Module, object]:

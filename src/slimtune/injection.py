@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from slimtune import merging as merge_math
 from slimtune.config import ALL_LINEAR, BottleneckConfig, LoraConfig
@@ -70,8 +71,9 @@ class InjectionReport(ParamCounts):
 # -- layer kinds ---------------------------------------------------------------------------
 
 def _is_conv1d_transposed(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D (GPT-2): a linear whose weight is stored (d_in, d_out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    # transformers.pytorch_utils.Conv1D (GPT-2): a linear whose weight is stored (d_in, d_out). By type,
+    # not class name: a subclass counts, an unrelated class that happens to be called Conv1D does not.
+    return isinstance(module, Conv1D)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -321,8 +323,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     configs[adapter_name] = config
     model.slimtune_configs = configs
     trainable, total = count_params(model)
-    method = "dora" if getattr(config, "use_dora", False) else config.method
-    return InjectionReport(adapter_name, method, tuple(wrapped), saved, trainable, total)
+    return InjectionReport(adapter_name, config.method, tuple(wrapped), saved, trainable, total)
 
 
 def _attach(model: nn.Module, name: str, module: nn.Module, adapter: nn.Module, config: AdapterConfig,

@@ -98,6 +98,77 @@ def test_errors_exit_2_with_message(args, message):
     assert result.exit_code == 2 and message in result.output
 
 
+def refused(*args: str) -> str:
+    """The command's one output line, checking it exited 2 without an exception escaping."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+CANONICAL = "must be one of full, freeze, lora, qlora, dora, bottleneck, prompt"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--model", "llama-2-7b", "--method", "lora2"), ("method='lora2'", CANONICAL)),
+    (("--model", "llama-2-7b", "--compare", "full,foo"), ("method='foo'", CANONICAL)),
+    (("--model", "llama-2-7b", "--method", "lora", "--compare", "full,qlora"), ("--method='lora' with --compare",)),
+    (("--model", "llama-2-7b", "--rank", "16"),
+     ("method.rank=16: not used by method full; only by lora, qlora, dora",)),
+    (("--model", "llama-2-7b", "--method", "lora", "--prompt-tokens", "5"), ("method.prompt_tokens=5", "prompt")),
+    (("--model", "llama-2-7b", "--compare", "lora,qlora", "--adapter-dim", "8"), ("method.adapter_dim=8",)),
+    (("--model", "llama-2-7b", "--method", "bottleneck", "--trainable-layers", "3"), ("method.trainable_layers=3",)),
+    (("--model", "llama-2-7b", "--method", "full", "--targets", "q_proj"), ("method.targets=('q_proj',)",)),
+    (("--params", "7e9", "--trainable", "5"), ("trainable=5 with method full",)),
+    (("--model", "llama-2-7b", "--measure", "--compare", "full,lora"), ("--measure with --compare",)),
+    (("--model", "llama-2-7b", "--measure", "--json"), ("--measure with --json",)),
+    (("--params", "7e9", "--measure"), ("--measure with --params",)),
+    (("--model", "llama-2-7b", "--method", "lora", "--targets", ","), ("--targets=','",)),
+    (("--params", "-1"), ("params=-1.0: must be a positive whole number",)),
+])
+def test_estimate_bad_flags_are_one_line_and_exit_2(args, needles):
+    line = refused("estimate", *args)
+    assert all(n in line for n in needles), line
+
+
+def test_flags_used_by_one_compared_method_are_accepted():
+    d = as_json("--model", "llama-2-7b", "--compare", "full,lora", "--rank", "4")
+    assert set(d) == {"full", "lora"}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "not a readable JSON config"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"model_type": "llama", "hidden_size": 64}', "missing num_attention_heads, intermediate_size"),
+    ('{"model_type": ["llama"]}', "model_type=['llama']: must be one of"),
+])
+def test_estimate_bad_config_json_is_named(tmp_path, text, needle):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    assert needle in refused("estimate", "--model", str(path))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--gpu", "big", "--model", "llama-2-7b"), "gpu='big': must be a size"),
+    (("--gpu", "24GB", "--model", "nope"), "model='nope': not a preset"),
+    (("--gpu", "24GB", "--model", "llama-2-7b", "--targets", "qproj"), "matches no linear layer"),
+    (("--gpu", "24GB", "--model", "llama-2-7b", "--targets", " , "), "--targets=' , '"),
+])
+def test_plan_bad_flags_are_one_line_and_exit_2(args, needle):
+    assert needle in refused("plan", *args)
+
+
+@pytest.mark.parametrize("alias, canonical", [("adapter", "bottleneck"), ("prompt-tuning", "prompt"),
+                                              ("prompt_tuning", "prompt"), ("DoRA", "dora")])
+def test_old_method_spellings_are_aliases_reported_canonically(alias, canonical):
+    assert as_json("--model", "llama-2-7b", "--method", alias) == as_json("--model", "llama-2-7b", "--method",
+                                                                             canonical)
+    assert f"llama-2-7b: {canonical}," in run("estimate", "--model", "llama-2-7b", "--method", alias)
+    d = json.loads(run("estimate", "--model", "llama-2-7b", "--compare", f"full,{alias}", "--json"))
+    assert set(d) == {"full", canonical}
+
+
 def test_measure_flag_prints_estimate_vs_measured(tmp_path):
     pytest.importorskip("torch")
     from .conftest import TINY
@@ -108,15 +179,18 @@ def test_measure_flag_prints_estimate_vs_measured(tmp_path):
     assert "measured on cpu" in out and "activations" in out.split("measured on cpu")[1]
 
 
-@pytest.mark.parametrize("family, method", [("llama", "dora"), ("gpt2", "dora"), ("bert", "adapter"),
-                                            ("llama", "prompt-tuning"), ("gpt2", "adapter"), ("bert", "prompt-tuning")])
-def test_measure_flag_for_dora_adapter_prompt(tmp_path, family, method):
+METHOD_FLAGS = {"dora": ("--rank", "4"), "bottleneck": ("--adapter-dim", "16"), "prompt": ("--prompt-tokens", "8")}
+
+
+@pytest.mark.parametrize("family, method", [("llama", "dora"), ("gpt2", "dora"), ("bert", "bottleneck"),
+                                            ("llama", "prompt"), ("gpt2", "bottleneck"), ("bert", "prompt")])
+def test_measure_flag_for_dora_bottleneck_prompt(tmp_path, family, method):
     pytest.importorskip("torch")
     from .conftest import TINY
 
     (tmp_path / "config.json").write_text(json.dumps(TINY[family]))
     out = run("estimate", "--model", str(tmp_path / "config.json"), "--method", method, "--batch", "2", "--seq",
-              "16", "--rank", "4", "--adapter-dim", "16", "--prompt-tokens", "8", "--measure")
+              "16", *METHOD_FLAGS[method], "--measure")
     rows = out.split("measured on cpu")[1].splitlines()[2:7]
     assert [r.split()[0] for r in rows] == ["weights", "gradients", "optimizer", "activations", "total"]
     assert all(abs(float(r.split()[-1].rstrip("%"))) <= 5.0 for r in rows), out

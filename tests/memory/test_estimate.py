@@ -110,7 +110,7 @@ def test_smollm2_lora_counts_match_inject():
 
 def test_every_method_on_every_preset():
     for name in presets.MODELS:
-        for method in ("full", "freeze", "lora", "qlora", "dora", "adapter", "prompt-tuning"):
+        for method in ("full", "freeze", "lora", "qlora", "dora", "bottleneck", "prompt"):
             e = estimate(name, Method(method, targets=("all-linear",)), workload=Workload(1, 256))
             assert e.total > 0 and all(c.bytes >= 0 and c.rule for c in e.components)
 
@@ -195,24 +195,38 @@ def test_relu_adapter_keeps_its_input_and_bottleneck_once():
     nobody else in a frozen block)."""
     arch = presets.model("llama-2-7b")
     w = Workload(1, 256)
-    wide = estimate(arch, Method("adapter", adapter_dim=128), workload=w)["activations"]
-    narrow = estimate(arch, Method("adapter", adapter_dim=64), workload=w)["activations"]
+    wide = estimate(arch, Method("bottleneck", adapter_dim=128), workload=w)["activations"]
+    narrow = estimate(arch, Method("bottleneck", adapter_dim=64), workload=w)["activations"]
     assert wide - narrow == arch.layers * 2 * 256 * (128 - 64) * 4
     base = Precision(adapter_dtype="base")  # bf16 adapters: 2 bytes
-    wide = estimate(arch, Method("adapter", adapter_dim=128), base, workload=w)["activations"]
-    narrow = estimate(arch, Method("adapter", adapter_dim=64), base, workload=w)["activations"]
+    wide = estimate(arch, Method("bottleneck", adapter_dim=128), base, workload=w)["activations"]
+    narrow = estimate(arch, Method("bottleneck", adapter_dim=64), base, workload=w)["activations"]
     assert wide - narrow == arch.layers * 2 * 256 * (128 - 64) * 2
 
 
 def test_prompt_tuning_counts_virtual_tokens_and_the_batch_1_gradient_view():
     arch = presets.model("smollm2-135m")
-    one = estimate(arch, Method("prompt-tuning", prompt_tokens=20), workload=Workload(1, 64))
-    two = estimate(arch, Method("prompt-tuning", prompt_tokens=20), workload=Workload(2, 64))
+    one = estimate(arch, Method("prompt", prompt_tokens=20), workload=Workload(1, 64))
+    two = estimate(arch, Method("prompt", prompt_tokens=20), workload=Workload(2, 64))
     assert one.trainable_params == two.trainable_params == 20 * arch.hidden
     assert one["gradients"] == (20 + 64) * arch.hidden * 2  # the (1, n + s, h) input gradient, kept whole
     assert two["gradients"] == 20 * arch.hidden * 2
     assert "s=64 + 20 virtual" in next(c.rule for c in one.components if c.name == "activations")
-    longer = estimate(arch, Method("prompt-tuning", prompt_tokens=20), workload=Workload(2, 84))
+    longer = estimate(arch, Method("prompt", prompt_tokens=20), workload=Workload(2, 84))
     # the blocks see 84 positions either way; only the loss's labels and the embedding lookups differ
-    assert abs(longer["activations"] - estimate(arch, Method("prompt-tuning", prompt_tokens=40),
+    assert abs(longer["activations"] - estimate(arch, Method("prompt", prompt_tokens=40),
                                                 workload=Workload(2, 64))["activations"]) < 0.01 * longer["activations"]
+
+
+@pytest.mark.parametrize("alias, canonical", [("adapter", "bottleneck"), ("prompt-tuning", "prompt"),
+                                              ("prompt_tuning", "prompt"), ("QLoRA", "qlora")])
+def test_method_aliases_normalise_to_the_canonical_name(alias, canonical):
+    assert Method(alias).name == canonical
+    assert estimate("llama-2-7b", alias).as_dict() == estimate("llama-2-7b", canonical).as_dict()
+    assert [e.method.name for e in compare("llama-2-7b", ("full", alias))] == ["full", canonical]
+
+
+def test_unknown_method_lists_the_canonical_names():
+    with pytest.raises(ValueError, match="method='adaptor': must be one of full, freeze, lora, qlora, dora, "
+                                         "bottleneck, prompt$"):
+        Method("adaptor")

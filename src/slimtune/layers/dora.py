@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from slimtune import merging as merge_math
 from slimtune.layers.amp import accumulate_dtype, compute_dtype, narrower, no_autocast
@@ -26,7 +27,7 @@ from slimtune.layers.lora import SAVE_MASK_ON, LoraLinear, drop_probability, kee
 def dense_weight(base: nn.Module) -> Tensor:
     """The base weight as (d_out, d_in), whatever the storage: nn.Linear, GPT-2 Conv1D (stored
     transposed) or a quantized linear (dequantized on the fly)."""
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
+    if isinstance(base, Conv1D):
         return base.weight.T
     if isinstance(base, nn.Linear):
         return base.weight

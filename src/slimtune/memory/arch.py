@@ -192,7 +192,7 @@ def lora_params(d_in: int, d_out: int, r: int) -> int:
 
 def family_of(model_type: str) -> str:
     """The family of a Hugging Face ``model_type``; raises ValueError naming the known types."""
-    if model_type not in _MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r}: must be one of {', '.join(_MODEL_TYPES)}")
     return _MODEL_TYPES[model_type]
 
@@ -200,10 +200,16 @@ def family_of(model_type: str) -> str:
 def from_hf_config(source: str | Path | dict) -> Architecture:
     """Read a Hugging Face ``config.json`` (a file, a folder holding one, or the parsed dict).
 
-    Raises ValueError for a ``model_type`` outside llama, mistral, qwen2, gpt2 and bert.
+    Raises ValueError for a ``model_type`` outside llama, mistral, qwen2, gpt2 and bert, a file that is
+    not a JSON object, or a missing required field (named).
     """
     cfg = source if isinstance(source, dict) else _read_config(Path(source))
     model_type = cfg.get("model_type", "")
+    if isinstance(model_type, str) and _MODEL_TYPES.get(model_type) == "llama":
+        missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                               "vocab_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json model_type={model_type!r}: missing {', '.join(missing)}")
     family = family_of(model_type)
     if family == "gpt2":
         h = cfg.get("n_embd", 768)
@@ -249,5 +255,11 @@ def _read_config(path: Path) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"model={str(path)!r}: no such config.json (give a preset name or a config path)")
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model={str(path)!r}: not a readable JSON config ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model={str(path)!r}: must hold a JSON object (a Hugging Face config.json)")
+    return cfg

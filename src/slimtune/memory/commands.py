@@ -1,6 +1,8 @@
 """``slimtune estimate`` and ``slimtune plan``: thin commands over the library (torch only for --measure).
 
-Wire into an app with ``register(app)``.
+Wire into an app with ``register(app)``. Bad input raises ValueError in the library (or in
+:func:`check_flags` for flag combinations); :func:`slimtune.cli_errors.exit_2_on_bad_input` turns it
+into one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,29 +12,40 @@ from pathlib import Path
 
 import typer
 
-from slimtune.memory.spec import METHODS
+from slimtune.cli_errors import exit_2_on_bad_input
+from slimtune.vocab import ALIASES, METHODS
 
 
-def _split(text: str | None) -> tuple[str, ...] | None:
+def _split(flag: str, text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     parts = tuple(t.strip() for t in text.split(",") if t.strip())
     if not parts:
-        raise typer.BadParameter(f"{text!r}: give comma-separated names")
+        raise ValueError(f"{flag}={text!r}: give comma-separated names")
     return parts
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
+def check_flags(model: str | None, params: float | None, method: str | None, compare: str | None,
+                measure: bool, as_json: bool) -> None:
+    """Refuse flag combinations where one flag would be ignored. Raises ValueError naming the flags."""
+    if (model is None) == (params is None):
+        raise ValueError("give exactly one of --model (preset or config.json) and --params")
+    if method is not None and compare is not None:
+        raise ValueError(f"--method={method!r} with --compare={compare!r}: give one; --compare lists every "
+                         "method to estimate")
+    if measure and (compare is not None or as_json or params is not None):
+        other = "--compare" if compare is not None else "--json" if as_json else "--params"
+        raise ValueError(f"--measure with {other}: --measure trains one method (--method) of a --model and prints "
+                         "a table")
 
 
 def estimate_command(
     model: str = typer.Option(None, "--model", help="a preset (llama-2-7b, llama-3-8b, smollm2-135m, ...) or a "
                               "config.json path (file or folder)"),
     params: float = typer.Option(None, "--params", help="a bare parameter count such as 7e9 (no activations)"),
-    method: str = typer.Option("full", help=f"one of {', '.join(METHODS)}"),
-    compare: str = typer.Option(None, help="methods side by side, e.g. full,lora,qlora"),
+    method: str = typer.Option(None, help=f"one of {', '.join(METHODS)} (default full; also accepted: "
+                               f"{', '.join(ALIASES)})"),
+    compare: str = typer.Option(None, help="methods side by side, e.g. full,lora,qlora (instead of --method)"),
     weight_dtype: str = typer.Option(None, help="fp32, bf16, fp16, int8 or nf4 (default: bf16; nf4 for qlora)"),
     grad_dtype: str = typer.Option(None, help="fp32, bf16 or fp16 (default: the trainable weights' dtype)"),
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, sgd or none"),
@@ -43,12 +56,15 @@ def estimate_command(
     batch: int = typer.Option(1, min=1), seq: int = typer.Option(512, min=1),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="keep only block inputs"),
     attention: str = typer.Option("sdpa", help="sdpa (fused, no s^2 term) or eager"),
-    rank: int = typer.Option(8, min=1, help="LoRA/DoRA rank: higher = more capacity, more memory"),
-    targets: str = typer.Option(None, help="comma-separated module names, or all-linear (default: q,v)"),
-    trainable_layers: int = typer.Option(2, min=1, help="freeze: how many last blocks train"),
-    adapter_dim: int = typer.Option(64, min=1, help="adapter: bottleneck width"),
-    prompt_tokens: int = typer.Option(20, min=1, help="prompt-tuning: soft-prompt length"),
-    trainable: int = typer.Option(None, min=0, help="trainable parameters, for PEFT methods with --params"),
+    rank: int = typer.Option(None, min=1, help="lora/qlora/dora rank (default 8): higher = more capacity, "
+                             "more memory"),
+    targets: str = typer.Option(None, help="lora/qlora/dora: comma-separated module names, or all-linear "
+                                "(default: q,v)"),
+    trainable_layers: int = typer.Option(None, min=1, help="freeze: how many last blocks train (default 2)"),
+    adapter_dim: int = typer.Option(None, min=1, help="bottleneck: adapter width (default 64)"),
+    prompt_tokens: int = typer.Option(None, min=1, help="prompt: soft-prompt length (default 20)"),
+    trainable: int = typer.Option(None, min=0, help="trainable parameters of the methods but full (needed with "
+                                  "--params)"),
     as_json: bool = typer.Option(False, "--json", help="print bytes as JSON"),
     plot: Path = typer.Option(None, help="write stacked bars per method to this PNG"),
     measure: bool = typer.Option(False, "--measure", help="also run real training steps here and compare"),
@@ -56,22 +72,22 @@ def estimate_command(
     """How much memory fine-tuning takes: weights, gradients, optimizer state, activations."""
     from slimtune.memory import estimate as est
     from slimtune.memory import render
-    from slimtune.memory.spec import Method, Precision, Workload
+    from slimtune.memory.spec import Method, Precision, Workload, check_options
 
-    if (model is None) == (params is None):
-        _fail(ValueError("give exactly one of --model (preset or config.json) and --params"))
-    try:
-        ref = model if model is not None else params
-        m = Method(method, rank, _split(targets), trainable_layers, adapter_dim, prompt_tokens)
-        p = Precision(weight_dtype, grad_dtype, optimizer, optim_dtype, master_weights, adapter_dtype=adapter_dtype)
-        w = Workload(batch, seq, grad_checkpointing, attention)
-        methods = _split(compare) or (method,)
-        estimates = est.compare(ref, methods, m, p, w, trainable)
-    except ValueError as err:
-        _fail(err)
+    check_flags(model, params, method, compare, measure, as_json)
+    ref = model if model is not None else params
+    methods = _split("--compare", compare) or (method or "full",)
+    options = dict(rank=rank, targets=_split("--targets", targets), trainable_layers=trainable_layers,
+                   adapter_dim=adapter_dim, prompt_tokens=prompt_tokens)
+    given = {k: v for k, v in options.items() if v is not None}
+    check_options(methods, given)  # e.g. --rank with full: refused, not ignored
+    m = Method(methods[0], **given)
+    p = Precision(weight_dtype, grad_dtype, optimizer, optim_dtype, master_weights, adapter_dtype=adapter_dtype)
+    w = Workload(batch, seq, grad_checkpointing, attention)
+    estimates = est.compare(ref, methods, m, p, w, trainable)
     if as_json:
-        out = [e.as_dict() for e in estimates]
-        typer.echo(json.dumps(out[0] if len(out) == 1 else dict(zip(methods, out)), indent=2))
+        out = {e.method.name: e.as_dict() for e in estimates}  # keyed by the canonical names
+        typer.echo(json.dumps(estimates[0].as_dict() if compare is None else out, indent=2))
     elif compare:
         typer.echo(render.compare_table(estimates))
     else:
@@ -91,10 +107,7 @@ def _measure(ref: object, method, precision, workload) -> None:
     from slimtune.memory import render
     from slimtune.memory.compare import measure_against_estimate
 
-    try:
-        est, meas = measure_against_estimate(ref, method, precision, workload)
-    except ValueError as err:
-        _fail(err)
+    est, meas = measure_against_estimate(ref, method, precision, workload)
     rows = [(k, est.as_dict()[k], meas.as_dict()[k]) for k in ("weights", "gradients", "optimizer",
                                                                 "activations", "total")]
     typer.echo(f"\nmeasured on {meas.device}, {est.precision.compute_dtype(method.name)}:")
@@ -114,14 +127,10 @@ def plan_command(
     from slimtune.memory.plan import plan, plan_table
     from slimtune.memory.presets import gpu_bytes
 
-    try:
-        result = plan(model, gpu_bytes(gpu), seq, _split(targets))
-    except ValueError as err:
-        _fail(err)
-    typer.echo(plan_table(result, gpu))
+    typer.echo(plan_table(plan(model, gpu_bytes(gpu), seq, _split("--targets", targets)), gpu))
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``estimate`` and ``plan`` to ``app``."""
-    app.command("estimate")(estimate_command)
-    app.command("plan")(plan_command)
+    """Add ``estimate`` and ``plan`` to ``app``; bad input exits 2 with one line (no traceback)."""
+    app.command("estimate")(exit_2_on_bad_input(estimate_command))
+    app.command("plan")(exit_2_on_bad_input(plan_command))

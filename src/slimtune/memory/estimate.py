@@ -20,6 +20,7 @@ from slimtune.memory.arch import (DEFAULT_TARGETS, Architecture, block_linears, 
                                   lora_params, quantizable_params, targeted_linears, total_params)
 from slimtune.memory.families import Training, saved_activations
 from slimtune.memory.spec import Method, Precision, Workload
+from slimtune.vocab import canonical_method
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations")
 ModelLike = str | Path | int | float | Architecture
@@ -98,7 +99,7 @@ def trainable_count(arch: Architecture, method: Method) -> int:
 
     full: every parameter. freeze: the last ``trainable_layers`` blocks. lora/qlora: r(d_in + d_out) per
     targeted linear (Hu et al. 2021). dora: LoRA plus a d_out magnitude vector per linear (Liu et al.
-    2024). adapter: two Houlsby bottlenecks per block (:func:`adapter_params`). prompt-tuning:
+    2024). bottleneck: two Houlsby adapters per block (:func:`adapter_params`). prompt:
     prompt_tokens x hidden (Lester et al. 2021).
     Raises ValueError when ``trainable_layers`` exceeds the model's blocks or targets match nothing.
     """
@@ -114,7 +115,7 @@ def trainable_count(arch: Architecture, method: Method) -> int:
         specs = targeted_linears(arch, targets_for(arch, method))
         extra = sum(s.d_out for s in specs) if name == "dora" else 0
         return sum(lora_params(s.d_in, s.d_out, method.rank) for s in specs) + extra
-    if name == "adapter":
+    if name == "bottleneck":
         return arch.layers * 2 * adapter_params(arch.hidden, method.adapter_dim)
     return method.prompt_tokens * arch.hidden
 
@@ -183,7 +184,7 @@ def gradient_component(method: Method, precision: Precision, trainable: int,
     dtype = precision.gradient_dtype(method.name)
     per = f.DTYPE_BYTES[dtype]
     rule = f"{_n(trainable)} trainable x {_b(per)} ({dtype})"
-    if (method.name == "prompt-tuning" and isinstance(model, Architecture) and workload is not None
+    if (method.name == "prompt" and isinstance(model, Architecture) and workload is not None
             and workload.batch == 1 and trainable == method.prompt_tokens * model.hidden):
         rows = method.prompt_tokens + workload.seq
         return Component("gradients", rows * model.hidden * per,
@@ -220,7 +221,7 @@ def training_for(arch: Architecture, method: Method, precision: Precision, workl
         return Training(**common, first_trainable_layer=layers, lora_targets=targets_for(arch, method),
                         lora_rank=method.rank, dora=name == "dora",
                         quantized_base=precision.base_dtype(name) in f.QUANT_DTYPES)
-    if name == "adapter":
+    if name == "bottleneck":
         return Training(**common, first_trainable_layer=layers, adapter_dim=method.adapter_dim)
     return Training(**common, first_trainable_layer=layers, prompt_tokens=method.prompt_tokens)
 
@@ -232,7 +233,7 @@ def activation_component(model: Architecture | int, method: Method, precision: P
         return Component("activations", 0.0, "unknown from a parameter count alone (give --model)")
     act = saved_activations(model, training_for(model, method, precision, workload))
     mib = 2**20
-    virtual = f" + {method.prompt_tokens} virtual" if method.name == "prompt-tuning" else ""
+    virtual = f" + {method.prompt_tokens} virtual" if method.name == "prompt" else ""
     setting = (f"{model.family} graph, b={workload.batch} s={workload.seq}{virtual}, {workload.attention}, "
                f"{precision.compute_dtype(method.name)}")
     if workload.checkpointing:
@@ -279,12 +280,18 @@ def estimate(model: ModelLike, method: Method | str = "full", precision: Precisi
 def compare(model: ModelLike, methods: tuple[str, ...], method: Method | None = None,
             precision: Precision | None = None, workload: Workload | None = None,
             trainable: int | None = None) -> list[Estimate]:
-    """:func:`estimate` for several methods sharing the other settings. qlora keeps its nf4 base even
-    when ``precision.weight_dtype`` names another dtype for the other methods."""
+    """:func:`estimate` for several methods sharing the other settings (their names normalised, see
+    :mod:`slimtune.vocab`). qlora keeps its nf4 base even when ``precision.weight_dtype`` names another
+    dtype for the other methods. ``trainable`` applies to every method but ``full`` (with only full:
+    ValueError, rather than ignoring it)."""
     base = method or Method()
     precision = precision or Precision()
+    names = tuple(canonical_method(n) for n in methods)
+    if trainable is not None and set(names) == {"full"}:
+        raise ValueError(f"trainable={trainable!r} with method full: full fine-tuning trains every parameter; "
+                         "trainable counts the other methods' parameters")
     out = []
-    for name in methods:
+    for name in names:
         p = precision
         if name == "qlora" and precision.weight_dtype not in (None, "nf4"):
             p = replace(precision, weight_dtype=None)

@@ -115,13 +115,13 @@ def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Mod
                                                    use_dora=method.name == "dora",
                                                    adapter_dtype=precision.adapter_dtype))
         return model
-    if method.name == "adapter":
+    if method.name == "bottleneck":
         # BottleneckConfig's defaults otherwise (both positions, relu, no dropout, scale 1), which is
         # what the estimator models (families.ADAPTER_NONLINEARITY).
         slimtune.inject(model, slimtune.BottleneckConfig(size=method.adapter_dim,
                                                          adapter_dtype=precision.adapter_dtype))
         return model
-    if method.name == "prompt-tuning":
+    if method.name == "prompt":
         from slimtune.config import PromptTuningConfig
         from slimtune.methods import prepare as prepare_method
 
@@ -129,7 +129,7 @@ def prepare(model: "nn.Module", method: Method, precision: Precision) -> "nn.Mod
         # inject_prompt creates the table in fp32; like inject's adapters, it takes the compute dtype.
         return model.to(dtype)
     raise ValueError(f"method={method.name!r}: cannot be measured; measurable: full, freeze, lora, qlora, "
-                     "dora, adapter, prompt-tuning")
+                     "dora, bottleneck, prompt")
 
 
 def _quantize_blocks(model: "nn.Module", dtype: "torch.dtype", double_quant: bool) -> None:
@@ -247,7 +247,7 @@ def _check_positions(model: "nn.Module", method: Method, workload: Workload) -> 
     cfg = model.config
     if family_of(cfg.model_type) not in ("gpt2", "bert"):
         return
-    virtual = method.prompt_tokens if method.name == "prompt-tuning" else 0
+    virtual = method.prompt_tokens if method.name == "prompt" else 0
     limit = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
     if workload.seq + virtual > limit:
         what = f"workload.seq={workload.seq}" + (f" + method.prompt_tokens={virtual}" if virtual else "")

@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune.memory.formulas import DTYPE_BYTES, FLOAT_DTYPES, QUANT_DTYPES
+from slimtune.vocab import METHODS, canonical_method
 
-METHODS = ("full", "freeze", "lora", "qlora", "dora", "adapter", "prompt-tuning")
-PEFT_METHODS = ("lora", "qlora", "dora", "adapter", "prompt-tuning")
+PEFT_METHODS = tuple(m for m in METHODS if m not in ("full", "freeze"))
+# Which Method fields each method reads; any other one given explicitly is refused (check_options).
+OPTION_USERS = {"rank": ("lora", "qlora", "dora"), "targets": ("lora", "qlora", "dora"),
+                "trainable_layers": ("freeze",), "adapter_dim": ("bottleneck",), "prompt_tokens": ("prompt",)}
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "none")
-ADAPTER_METHODS = ("lora", "qlora", "dora", "adapter")  # adapters slimtune.inject creates (adapter_dtype)
+ADAPTER_METHODS = ("lora", "qlora", "dora", "bottleneck")  # adapters slimtune.inject creates (adapter_dtype)
 ADAPTER_DTYPES = ("float32", "base")
 ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -29,14 +32,30 @@ def _positive(field: str, value: object) -> None:
         raise ValueError(f"{field}={value!r}: must be a positive integer")
 
 
+def check_options(methods: tuple[str, ...], given: dict[str, object]) -> None:
+    """Refuse a Method option that none of ``methods`` reads (``--rank`` with ``full``), rather than ignore it.
+
+    ``given``: the options set explicitly, by Method field name. Raises ValueError naming the field,
+    its value and the methods that read it.
+    """
+    names = tuple(canonical_method(m) for m in methods)
+    for option, value in given.items():
+        users = OPTION_USERS.get(option)
+        if users is not None and not set(names) & set(users):
+            raise ValueError(f"method.{option}={value!r}: not used by method {', '.join(names)}; only by "
+                             f"{', '.join(users)}")
+
+
 @dataclass(frozen=True)
 class Method:
     """What trains.
 
-    ``rank``: LoRA/DoRA rank r (higher: more capacity, more memory). ``targets``: module names LoRA and
-    DoRA wrap, or ``("all-linear",)``; None means the family's usual choice (q/v projections).
-    ``trainable_layers``: ``freeze`` trains this many last blocks. ``adapter_dim``: bottleneck width of
-    Houlsby adapters. ``prompt_tokens``: soft-prompt length of prompt tuning.
+    ``name``: one of :data:`slimtune.vocab.METHODS`; aliases (``adapter``, ``prompt-tuning``) are
+    normalised. ``rank``: LoRA/DoRA rank r (higher: more capacity, more memory). ``targets``: module
+    names LoRA and DoRA wrap, or ``("all-linear",)``; None means the family's usual choice (q/v
+    projections). ``trainable_layers``: ``freeze`` trains this many last blocks. ``adapter_dim``:
+    bottleneck width of Houlsby adapters. ``prompt_tokens``: soft-prompt length of prompt tuning.
+    Raises ValueError naming the field.
     """
 
     name: str = "full"
@@ -47,7 +66,7 @@ class Method:
     prompt_tokens: int = 20
 
     def __post_init__(self) -> None:
-        _one_of("method", self.name, METHODS)
+        object.__setattr__(self, "name", canonical_method(self.name))
         for field in ("rank", "trainable_layers", "adapter_dim", "prompt_tokens"):
             _positive(f"method.{field}", getattr(self, field))
         if self.targets is not None:
@@ -93,8 +112,9 @@ class Precision:
         """Storage dtype of the base weights under ``method``.
 
         Raises ValueError when the method cannot use it: full and freeze train the base (so it must be
-        a float dtype), qlora's base is nf4 by definition.
+        a float dtype), qlora's base is nf4 by definition; an unknown method name.
         """
+        method = canonical_method(method)
         if method == "qlora":
             if self.weight_dtype not in (None, "nf4"):
                 raise ValueError(f"precision.weight_dtype={self.weight_dtype!r}: method qlora keeps its base in "

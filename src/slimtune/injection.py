@@ -254,13 +254,46 @@ def wrap_saved_modules(model: nn.Module, cfg: Any, adapter_name: str, log: Rollb
             module = TrainedCopy(original).train(original.training)
             set_submodule(model, name, module)
             log.add(lambda name=name, original=original: set_submodule(model, name, original))
-        trained = copy.deepcopy(module.original)
-        for p in trained.parameters():
-            p.requires_grad_(True)
-        module.add(adapter_name, trained)
+        module.add(adapter_name, trainable_copy(module.original, getattr(cfg, "adapter_dtype", "float32")))
         log.add(lambda module=module: module.remove(adapter_name))
         saved.append(name)
     return tuple(saved)
+
+
+def trainable_copy(module: nn.Module, choice: str = "float32") -> nn.Module:
+    """A fully trainable copy of ``module`` for ``modules_to_save``; the original is left as it is.
+
+    A frozen 4-bit layer (a linear-like module whose weight is not floating point, e.g. one the user
+    quantized with ``keep=()``), on its own or inside ``module``, is copied as a dequantized ``nn.Linear``
+    (same PEFT key names ``weight``/``bias``) in ``adapter_dtype(compute_dtype, choice)``: fp32 by default,
+    since 4-bit codes cannot train.
+    """
+    if _is_quantized(module):
+        return _dequantized_linear(module, choice)
+    trained = copy.deepcopy(module)
+    for name, sub in list(trained.named_modules()):
+        if name and _is_quantized(sub):
+            set_submodule(trained, name, _dequantized_linear(sub, choice))
+    for p in trained.parameters():
+        p.requires_grad_(True)
+    return trained
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return is_linear_like(module) and isinstance(weight, Tensor) and not weight.is_floating_point()
+
+
+def _dequantized_linear(layer: nn.Module, choice: str) -> nn.Linear:
+    """An ``nn.Linear`` (trainable) holding ``layer.dequantize()``: weight (out, in), bias (out,)."""
+    dtype = adapter_dtype(getattr(layer, "compute_dtype", None) or torch.float32, choice)
+    bias = getattr(layer, "bias", None)
+    new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    with torch.no_grad():
+        new.weight = nn.Parameter(layer.dequantize(dtype).detach().clone())
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().to(dtype).clone())
+    return new.train(layer.training)
 
 
 def _apply_bias_mode(model: nn.Module, cfg: LoraConfig, wrapped: list[str]) -> None:

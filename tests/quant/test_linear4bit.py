@@ -200,3 +200,53 @@ def test_layer_bytes_equal_the_memory_formula(shape, double_quant):
     tensors = [layer.weight] + [b for n, b in layer.named_buffers() if n not in shared]
     held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     assert held == nf4_layer_bytes(shape[0] * shape[1], double_quant=double_quant)
+
+
+# -- module dtype casts (model.to(torch.bfloat16) after quantize_model) -----------------------------
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dtype_cast_keeps_statistics_and_matches_bitsandbytes(cast, double_quant):
+    # bitsandbytes keeps its statistics outside the module's buffers, so a cast leaves them (and its
+    # compute_dtype) alone and casts only the bias; ours must do the same, and still export its layout
+    _, q = _layer(double_quant=double_quant)
+    stats = {n: b.clone() for n, b in q.named_buffers()}
+    w = q.dequantize()
+    dtype = torch.bfloat16 if cast == "to_bf16" else torch.float16
+    q = q.to(dtype) if cast == "to_bf16" else q.half()
+    for n, b in q.named_buffers():
+        assert b.dtype == stats[n].dtype and torch.equal(b, stats[n]), n
+    assert torch.equal(q.dequantize(), w) and q.compute_dtype == torch.float32 and q.bias.dtype == dtype
+    x = torch.randn(4, 130).to(dtype)
+    y = q(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, F.linear(x.float(), w, q.bias.float()).to(dtype), rtol=0, atol=0)
+    sd = q.state_dict()
+    theirs = bnb.nn.Linear4bit(130, 70, compute_dtype=torch.float32, quant_type="nf4")
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(
+        data=sd["weight"], quantized_stats={k[7:]: v for k, v in sd.items() if k.startswith("weight.")},
+        device="cpu")
+    theirs.bias = torch.nn.Parameter(sd["bias"])
+    assert torch.equal(theirs(x), y)
+
+
+def test_bf16_compute_layer_cast_to_bf16_is_dequantize_then_linear():
+    _, q = _layer(compute_dtype=torch.bfloat16)
+    w, b = q.dequantize(torch.bfloat16), q.bias.detach().bfloat16()
+    q.to(torch.bfloat16)
+    x = torch.randn(2, 5, 130, dtype=torch.bfloat16)
+    torch.testing.assert_close(q(x), F.linear(x, w, b), rtol=0, atol=0)
+
+
+def test_model_cast_to_bf16_after_quantize_model(llama):
+    report = quantize_model(llama)
+    layers = {n: (m, m.dequantize()) for n, m in llama.named_modules() if isinstance(m, Linear4bit)}
+    llama.to(torch.bfloat16)
+    for n, (m, w) in layers.items():
+        assert torch.equal(m.dequantize(), w), n
+    maps = {id(m.quant_map) for m, _ in layers.values()}
+    assert len(maps) == 1  # the NF4 levels are still held once, not once per layer
+    assert slimtune.quant.measure(llama).quantized_bytes == report.quantized_bytes
+    llama.to("cpu")  # a device move still works
+    logits = llama(tokens()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -3,7 +3,9 @@
 Both see through slimtune's wrappers (``AdaptedLayer.base_layer``, ``TrainedCopy.original``) and quantize
 only frozen base layers, never a layer inside an adapter or a ``modules_to_save`` copy, nor a Linear left
 trainable in a partly frozen model; so quantizing before or after ``inject`` gives the same model, and a
-4-bit model dequantizes before merging for export.
+4-bit model dequantizes before merging for export. The output heads stay in full precision by default (as
+transformers keeps them for bitsandbytes), and an untrained DoRA adapter gets its magnitude from the 4-bit
+weight whichever order ``inject`` and ``quantize_model`` run in.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune import merging as merge_math
+from slimtune.injection import output_head_names
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
+from slimtune.layers.dora import DoraLinear, dense_weight
 from slimtune.modules import set_submodule
 from slimtune.names import suffix_match
 from slimtune.quant.linear4bit import Linear4bit, check_dtype
@@ -94,7 +99,7 @@ def check_quant_args(keep, block_size, double_quant, compute_dtype) -> tuple[str
     if isinstance(keep, str):
         keep = (keep,)
     if not isinstance(keep, (tuple, list)) or not all(isinstance(k, str) and k for k in keep):
-        raise ValueError(f"keep={keep!r}: must be a tuple of module names (e.g. ('lm_head',))")
+        raise ValueError(f"keep={keep!r}: must be a tuple of module names (e.g. ('lm_head',)) or None")
     check_block_size(block_size)
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant={double_quant!r}: must be True or False")
@@ -102,36 +107,85 @@ def check_quant_args(keep, block_size, double_quant, compute_dtype) -> tuple[str
     return tuple(keep)
 
 
-def quantize_model(model: nn.Module, keep: tuple[str, ...] = ("lm_head",), block_size: int = 64,
+def quantize_model(model: nn.Module, keep: tuple[str, ...] | None = None, block_size: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32) -> QuantReport:
     """Replace every frozen base ``nn.Linear`` in ``model`` (in place) by a frozen NF4 :class:`Linear4bit`.
 
     Layers inside adapters (LoRA, bottleneck) and ``modules_to_save`` copies are never quantized, nor a Linear
     left trainable in a partly frozen model (reported as kept); the layer an adapter wraps is.
-    keep: module names (or name suffixes) left in full precision; the output head by default.
+    keep: module names (or name suffixes) left in full precision. Default (None): the model's output heads,
+    as transformers does for bitsandbytes: the LM head (``get_output_embeddings()``), or for a model without
+    one a classification head named ``score`` or ``classifier`` (every Linear inside it). An explicit tuple
+    replaces the default (``keep=()`` quantizes the heads too).
+    DoRA: an untrained DoRA adapter (lora_B == 0, or its magnitude still ||W0 + s B A||) on a layer quantized
+    here gets its magnitude re-initialised from the 4-bit weight, so its output stays the (quantized) base's,
+    as when quantizing before ``inject``.
     Layers are converted one at a time, so peak memory grows by one layer's float copy at most.
     Raises ValueError for a bad argument, for a ``keep`` entry naming no module (with the closest names),
-    or when no Linear is left to quantize.
+    when no Linear is left to quantize, or for a trained DoRA adapter on a layer to quantize (quantizing
+    would change its output: quantize before training, or merge first); the model is unchanged then.
     """
-    keep = check_quant_args(keep, block_size, double_quant, compute_dtype)
+    heads = output_head_names(model) if keep is None else set()
+    keep = check_quant_args(() if keep is None else keep, block_size, double_quant, compute_dtype)
+    _check_keep_names(model, keep)
+    quantized, kept, todo = [], [], []
+    for name, module, trains in base_linears(model):
+        logical = _logical_name(name)
+        if trains or matches(name, keep) or any(logical == h or logical.startswith(h + ".") for h in heads):
+            kept.append(logical)
+        else:
+            todo.append((name, module))
+    if not todo:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize "
+                         f"(keep={keep or tuple(sorted(heads))!r}; the rest is already quantized, trainable, "
+                         "or inside adapters)")
+    for name, module in todo:  # every check before the first change
+        for adapter_name, adapter in dora_adapters(model, name):
+            check_dora_untrained(adapter, module, adapter_name, _logical_name(name))
+    for name, module in todo:
+        new = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype).train(module.training)
+        set_submodule(model, name, new)
+        for _, adapter in dora_adapters(model, name):
+            adapter.init_magnitude(new)  # m = ||W0' + s B A|| of the weight it now computes with
+        quantized.append(_logical_name(name))
+    return measure(model, tuple(quantized), tuple(kept))
+
+
+def _check_keep_names(model: nn.Module, keep: tuple[str, ...]) -> None:
     names = [n for n, _ in model.named_modules()]
     for k in keep:
         if not any(matches(n, (k,)) for n in names) and k != "lm_head":
             near = difflib.get_close_matches(k, sorted({n.rsplit(".", 1)[-1] for n in names} | set(names)), n=3)
             raise ValueError(f"keep={k!r} matches no module in {type(model).__name__}; "
                              f"closest names: {', '.join(near) or 'none'}")
-    quantized, kept = [], []
-    for name, module, trains in base_linears(model):
-        if matches(name, keep) or trains:
-            kept.append(_logical_name(name))
-            continue
-        new = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype).train(module.training)
-        set_submodule(model, name, new)
-        quantized.append(_logical_name(name))
-    if not quantized:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize "
-                         f"(keep={keep!r}; the rest is already quantized, trainable, or inside adapters)")
-    return measure(model, tuple(quantized), tuple(kept))
+
+
+def dora_adapters(model: nn.Module, name: str) -> list[tuple[str, DoraLinear]]:
+    """(adapter name, adapter) for the unmerged DoRA adapters wrapping the base layer called ``name``
+    (``<layer>.base_layer``); empty for a layer no AdaptedLayer wraps."""
+    if not name.endswith(".base_layer"):
+        return []
+    wrapper = model.get_submodule(name[: -len(".base_layer")])
+    if not isinstance(wrapper, AdaptedLayer):
+        return []
+    return [(n, a) for n, a in wrapper.adapters.items() if isinstance(a, DoraLinear) and n not in wrapper.merged]
+
+
+def check_dora_untrained(adapter: DoraLinear, base: nn.Module, adapter_name: str, layer: str) -> None:
+    """Raise ValueError unless ``adapter`` is still at its initial state on ``base``: lora_B all zero, or
+    its magnitude m (d_out,) still equal to ||W0 + s B A|| per row (what ``inject`` set; 1e-6 relative)."""
+    if not adapter.lora_B.detach().any():
+        return
+    with torch.no_grad():
+        norm = merge_math.dora_norm(dense_weight(base), adapter.lora_A, adapter.lora_B, adapter.scale)
+    m = adapter.magnitude.detach()
+    if torch.allclose(m.float(), norm.to(m.dtype).float(), rtol=1e-6, atol=0.0):  # in m's own rounding
+        return
+    raise ValueError(
+        f"quantize_model: {layer} carries a trained DoRA adapter {adapter_name!r} (lora_B and its magnitude "
+        "moved from their initial values); DoRA rescales each output row by m / ||W0 + s B A||, so quantizing "
+        "W0 under it changes the adapter's output. Quantize before training (quantize_model, then inject), "
+        "or merge the adapter first (slimtune.merge_and_unload) and quantize the merged model")
 
 
 def measure(model: nn.Module, quantized: tuple[str, ...] = (), kept: tuple[str, ...] = ()) -> QuantReport:

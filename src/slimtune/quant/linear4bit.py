@@ -14,6 +14,9 @@ either library loads in the other:
 Forward and backward dequantize the weight again instead of keeping it for backward, so a 4-bit model's
 activation memory does not grow by a full-precision copy of every weight. Only the input (and a trainable
 bias) get gradients: the codes are frozen, adapters such as LoRA train on top.
+
+``model.to(torch.bfloat16)`` / ``.half()`` after quantizing casts the bias only: the statistics keep their
+dtypes and ``compute_dtype`` is unchanged, as with bitsandbytes' ``Linear4bit``.
 """
 
 from __future__ import annotations
@@ -164,6 +167,28 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         out = Linear4bitFn.apply(x.to(self.compute_dtype), bias, self)
         return out.to(in_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move the layer like any module, but never cast its quantization statistics.
+
+        ``model.to(torch.bfloat16)`` / ``.half()`` cast every floating buffer; the NF4 map, the
+        nested maxima and maps and the offset must stay float32 (a bf16 NF4 map dequantizes to other
+        values). They follow the codes' device instead; the bias is cast like any parameter. As in
+        bitsandbytes, whose statistics live outside the module's buffers, ``compute_dtype`` is
+        unchanged by a cast: set it with ``quantize_model(..., compute_dtype=)``.
+        """
+        stats, self._buffers = self._buffers, {}  # every buffer of this layer is quantization state
+        try:
+            super()._apply(fn, recurse)  # codes (uint8: never cast) and bias
+        except BaseException:
+            self._buffers = stats
+            raise
+        for name, t in stats.items():
+            new = None if t is None else fn(t)
+            if new is not None and new.dtype != t.dtype:  # a dtype cast: only the device follows
+                new = t.to(new.device)
+            self._buffers[name] = _shared_map(new) if name.endswith("quant_map") else new
+        return self
 
     def quantized_tensors(self) -> list[Tensor]:
         """The packed codes and every statistics tensor (not the bias)."""

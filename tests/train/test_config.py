@@ -214,6 +214,24 @@ def test_every_problem_is_reported_at_once():
     assert str(RunConfigError(issues)).splitlines() == list(issues)
 
 
+def test_adapter_problems_are_collected_past_the_first():
+    """slimtune.config stops at its first error; the run config reports each independent bad field."""
+    issues = issues_of({"adapter": {"method": "bottleneck", "size": -1, "nonlinearity": "x", "scale": 0}})
+    assert issues == ("adapter.size=-1: must be a positive integer",
+                      "adapter.nonlinearity='x': must be one of relu, gelu, silu, tanh",
+                      "adapter.scale=0: must be a positive number")
+    issues = issues_of({"adapter": {"method": "prompt", "init": "text"}, "data": {"packing": False}})
+    assert issues == ("adapter.init_text=None: must be a non-empty string when init='text'",)
+
+
+def test_sections_of_the_wrong_type_are_named():
+    with pytest.raises(RunConfigError) as err:
+        RunConfig(model={"name": "x"}, adapter={"r": 8}, output_dir="")
+    assert err.value.issues == ("model={'name': 'x'}: must be a ModelSection",
+                                "adapter={'r': 8}: must be a method config (slimtune.LoraConfig, BottleneckConfig, ...)",
+                                "output_dir='': must be a non-empty string")
+
+
 def test_four_errors_give_four_issues():
     issues = issues_of({"train": {"lr": -1, "batch_size": 0}, "data": {"max_length": 0}, "quantize": "x"})
     assert len(issues) == 4

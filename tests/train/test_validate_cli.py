@@ -45,7 +45,7 @@ def test_summary_follows_overrides(monkeypatch):
                                  "train.max_steps=12", "data.train=configs/train/data/chat.jsonl"])
     assert result.exit_code == 0, result.output
     for needle in ("lora r=16", "12 steps", "effective batch 32 (batch_size 8 x grad_accum 4)",
-                   "on configs/train/data/chat.jsonl (chat format"):
+                   "Data: configs/train/data/chat.jsonl, chat format"):
         assert needle in result.output, (needle, result.output)
 
 

@@ -199,6 +199,12 @@ def cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any
     return issues
 
 
+def kind_name(section: str) -> str:
+    """What a RunConfig field must hold, in words."""
+    return ("a method config (slimtune.LoraConfig, BottleneckConfig, ...)" if section == "adapter"
+            else f"a {section.capitalize()}Section")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run, resolved and validated (see the module docstring). Raises RunConfigError."""
@@ -215,7 +221,7 @@ class RunConfig:
         for name, kind in (("model", ModelSection), ("data", DataSection), ("train", TrainSection),
                            ("adapter", tuple(set(CONFIG_TYPES.values())))):
             if not isinstance(getattr(self, name), kind):
-                issues.append(f"{name}={getattr(self, name)!r}: must be a {name} section")
+                issues.append(f"{name}={getattr(self, name)!r}: must be {kind_name(name)}")
         _, why = choice(QUANTIZE)(self.quantize)
         if why:
             issues.append(f"quantize={self.quantize!r}: {why}")
@@ -449,8 +455,8 @@ def describe(cfg: RunConfig) -> str:
     t, d = cfg.train, cfg.data
     base = f"{cfg.model.name} ({cfg.model.dtype}{', nf4 4-bit base' if cfg.quantize == 'nf4' else ''})"
     data = d.train if d.train is not None else "the bundled BBC News set"
-    length = t.epochs and f"{t.epochs:g} epochs" or f"{t.max_steps} steps"
-    return (f"Fine-tunes {base} with {describe_adapter(cfg.adapter)} on {data} ({d.format} format, max_length "
-            f"{d.max_length}, {'packed' if d.packing else 'padded'}) for {length} of effective batch "
+    length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.max_steps} steps"
+    return (f"Fine-tunes {base} with {describe_adapter(cfg.adapter)}. Data: {data}, {d.format} format, "
+            f"max_length {d.max_length}, {'packed' if d.packing else 'padded'}. Runs {length} of effective batch "
             f"{cfg.effective_batch} (batch_size {t.batch_size} x grad_accum {t.grad_accum}); lr {t.lr:g} "
-            f"{t.scheduler}, {t.optimizer}, {t.precision}, seed {t.seed}; writes {cfg.output_dir}.")
+            f"{t.scheduler}, {t.optimizer}, {t.precision}, seed {t.seed}. Writes {cfg.output_dir}.")

@@ -227,9 +227,10 @@ def test_adapter_problems_are_collected_past_the_first():
 def test_sections_of_the_wrong_type_are_named():
     with pytest.raises(RunConfigError) as err:
         RunConfig(model={"name": "x"}, adapter={"r": 8}, output_dir="")
-    assert err.value.issues == ("model={'name': 'x'}: must be a ModelSection",
-                                "adapter={'r': 8}: must be a method config (slimtune.LoraConfig, BottleneckConfig, ...)",
-                                "output_dir='': must be a non-empty string")
+    assert err.value.issues == (
+        "model={'name': 'x'}: must be a ModelSection",
+        "adapter={'r': 8}: must be a method config (slimtune.LoraConfig, BottleneckConfig, ...)",
+        "output_dir='': must be a non-empty string")
 
 
 def test_four_errors_give_four_issues():

@@ -1,14 +1,18 @@
 """Field checkers for run configs: each takes a raw value (from YAML) and returns (normalised value, None)
 or (value, what is allowed), so a caller can collect every problem instead of stopping at the first.
 
-Also the shared wording of the messages: the nearest valid key for an unknown one (difflib) and a one-line
+The adapter section is checked here too (by slimtune.config, collecting past its first error). Also the
+shared wording of the messages: the nearest valid key for an unknown one (difflib) and a one-line
 YAML error. Pure Python, no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, Mapping, Sequence
+
+from slimtune.config import CONFIG_TYPES, ConfigError, LoraConfig, MethodConfig, config_from_dict, config_method
 
 Checker = Callable[[Any], tuple[Any, Any]]  # value -> (normalised value, None) or (value, what is allowed)
 FORMATS = ("alpaca", "chat", "text", "classification")
@@ -140,3 +144,58 @@ def check_fields(section: str, checkers: Mapping[str, Checker], values: Mapping[
             else:
                 issues.append(f"{section}.{name}={raw!r}: {why}")
     return good, issues
+
+
+def default_adapter() -> MethodConfig:
+    """The run's default adapter: LoRA r=8, alpha=16 on every linear layer but the output head."""
+    return LoraConfig(r=8, alpha=16, target_modules="all-linear")
+
+
+def adapter_fields(method: str) -> tuple[str, ...]:
+    """The field names a method config of ``method`` (canonical) takes, ``method`` first."""
+    return ("method",) + tuple(f.name for f in dataclasses.fields(CONFIG_TYPES[method]) if f.init)
+
+
+def adapter_message(message: str) -> str:
+    """slimtune.config's ``lora.r=0: ...`` / ``method='x': ...`` as ``adapter.r=0: ...`` / ``adapter.method=...``."""
+    message = re.sub(rf"^({'|'.join(CONFIG_TYPES)})\.", "adapter.", message)
+    return message if message.startswith("adapter.") else f"adapter.{message}"
+
+
+def check_adapter(raw: Any) -> tuple[MethodConfig | None, str | None, list[str]]:
+    """(config or None, canonical method or None, issues) for the ``adapter`` section.
+
+    slimtune.config stops at its first error, so a field it names is dropped and the rest checked again:
+    independent bad fields are all reported. A lora/dora section without target_modules gets all-linear.
+    """
+    if raw is None:
+        return default_adapter(), "lora", []
+    if not isinstance(raw, Mapping):
+        return None, None, [f"adapter={raw!r}: must be a mapping with a method (lora, dora, ...) and its fields"]
+    values = dict(raw)
+    method_name = values.get("method", "lora")
+    if isinstance(method_name, str) and method_name.strip().lower() == "qlora":
+        return None, None, [f"adapter.method={method_name!r}: QLoRA is LoRA on a 4-bit base; write "
+                            f"adapter.method: lora and quantize: nf4"]
+    try:
+        method = config_method(method_name)
+    except ConfigError as exc:
+        return None, None, [adapter_message(str(exc))]
+    known = adapter_fields(method)
+    issues = [unknown_key_issue("adapter", k, known) for k in values if k not in known]
+    values = {k: float(v) if isinstance(v, str) and EXPONENT.fullmatch(v.strip()) else v  # alpha: 1e-1
+              for k, v in values.items() if k in known}
+    if method in ("lora", "dora"):
+        values.setdefault("target_modules", "all-linear")
+    for _ in range(len(values) + 1):
+        try:
+            cfg = config_from_dict(values)
+        except ConfigError as exc:
+            issues.append(adapter_message(str(exc)))
+            bad = re.match(r"adapter\.(\w+)", issues[-1])
+            if bad is None or bad.group(1) not in values or bad.group(1) == "method":
+                break
+            del values[bad.group(1)]  # check the other fields without this one
+            continue
+        return (None if issues else cfg), method, issues
+    return None, method, issues

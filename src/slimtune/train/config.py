@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from slimtune.config import CONFIG_TYPES, ConfigError, LoraConfig, MethodConfig, config_from_dict, config_method
-from slimtune.train.checks import (EXPONENT, FORMATS, Checker, boolean, check_fields, choice, data_path,
-                                   fraction, integer, non_negative, optional, positive, positive_int, text,
-                                   unknown_key_issue, warmup, yaml_problem)
+from slimtune.config import CONFIG_TYPES, ConfigError, LoraConfig, MethodConfig, config_method
+from slimtune.train.checks import (FORMATS, Checker, adapter_fields, boolean, check_adapter, check_fields, choice,
+                                   data_path, default_adapter, fraction, integer, non_negative, optional, positive,
+                                   positive_int, text, unknown_key_issue, warmup, yaml_problem)
 
 BUNDLED_MODELS = ("smollm2-135m",)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -174,11 +173,6 @@ class TrainSection:
         return self.warmup if isinstance(self.warmup, int) else int(self.warmup * total)
 
 
-def default_adapter() -> MethodConfig:
-    """The run's default adapter: LoRA r=8, alpha=16 on every linear layer but the output head."""
-    return LoraConfig(r=8, alpha=16, target_modules="all-linear")
-
-
 def cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any], train: Mapping[str, Any]
                 ) -> list[str]:
     """Rules across sections; None (or a missing key) means that part was invalid, and its rules are skipped."""
@@ -242,11 +236,6 @@ class RunConfig:
 
 # -- from a dict: every problem at once -------------------------------------------------------------------
 
-def adapter_fields(method: str) -> tuple[str, ...]:
-    """The field names a method config of ``method`` (canonical) takes, ``method`` first."""
-    return ("method",) + tuple(f.name for f in dataclasses.fields(CONFIG_TYPES[method]) if f.init)
-
-
 def section_fields(section: str, d: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The keys ``section`` takes in the run-config dict ``d`` (None: a scalar section, or an unknown method)."""
     if section == "adapter":
@@ -258,51 +247,6 @@ def section_fields(section: str, d: Mapping[str, Any]) -> tuple[str, ...] | None
             return None
     fields = {"model": MODEL_FIELDS, "data": DATA_FIELDS, "train": TRAIN_FIELDS}.get(section)
     return tuple(fields) if fields is not None else None
-
-
-def _adapter_message(message: str) -> str:
-    """slimtune.config's ``lora.r=0: ...`` / ``method='x': ...`` as ``adapter.r=0: ...`` / ``adapter.method=...``."""
-    message = re.sub(rf"^({'|'.join(CONFIG_TYPES)})\.", "adapter.", message)
-    return message if message.startswith("adapter.") else f"adapter.{message}"
-
-
-def check_adapter(raw: Any) -> tuple[MethodConfig | None, str | None, list[str]]:
-    """(config or None, canonical method or None, issues) for the ``adapter`` section.
-
-    slimtune.config stops at its first error, so a field it names is dropped and the rest checked again:
-    independent bad fields are all reported. A lora/dora section without target_modules gets all-linear.
-    """
-    if raw is None:
-        return default_adapter(), "lora", []
-    if not isinstance(raw, Mapping):
-        return None, None, [f"adapter={raw!r}: must be a mapping with a method (lora, dora, ...) and its fields"]
-    values = dict(raw)
-    method_name = values.get("method", "lora")
-    if isinstance(method_name, str) and method_name.strip().lower() == "qlora":
-        return None, None, [f"adapter.method={method_name!r}: QLoRA is LoRA on a 4-bit base; write "
-                            f"adapter.method: lora and quantize: nf4"]
-    try:
-        method = config_method(method_name)
-    except ConfigError as exc:
-        return None, None, [_adapter_message(str(exc))]
-    known = adapter_fields(method)
-    issues = [unknown_key_issue("adapter", k, known) for k in values if k not in known]
-    values = {k: float(v) if isinstance(v, str) and EXPONENT.fullmatch(v.strip()) else v  # alpha: 1e-1
-              for k, v in values.items() if k in known}
-    if method in ("lora", "dora"):
-        values.setdefault("target_modules", "all-linear")
-    for _ in range(len(values) + 1):
-        try:
-            cfg = config_from_dict(values)
-        except ConfigError as exc:
-            issues.append(_adapter_message(str(exc)))
-            bad = re.match(r"adapter\.(\w+)", issues[-1])
-            if bad is None or bad.group(1) not in values or bad.group(1) == "method":
-                break
-            del values[bad.group(1)]  # check the other fields without this one
-            continue
-        return (None if issues else cfg), method, issues
-    return None, method, issues
 
 
 def _section(d: Mapping[str, Any], name: str, cls: type, checkers: Mapping[str, Checker], issues: list[str]

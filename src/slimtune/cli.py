@@ -72,6 +72,20 @@ def inspect(
 
 
 @app.command()
+@exit_2_on_bad_input
+def validate(
+    config: Path = typer.Argument(..., help="a run config (YAML), e.g. configs/train/lora.yaml"),
+    overrides: list[str] = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 adapter.r=16"),
+) -> None:
+    """Check a run config for `slimtune train`: every problem at once (exit 2), or a summary of the run."""
+    from slimtune.train.config import describe, load_run_config  # no torch: validating is instant
+
+    cfg = load_run_config(config, overrides or (), check_files=True)
+    typer.echo(f"{config}: valid")
+    typer.echo(describe(cfg))
+
+
+@app.command()
 def version() -> None:
     """Print slimtune's version."""
     from slimtune.version import __version__

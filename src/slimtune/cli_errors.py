@@ -2,7 +2,8 @@
 
 The library validates and raises named errors (``ConfigError``, the estimator's ValueErrors naming
 ``method.rank=...``, ``FileNotFoundError`` for a missing data package); every command is wrapped in
-:func:`exit_2_on_bad_input`, the one place that turns them into CLI errors. No torch here.
+:func:`exit_2_on_bad_input`, the one place that turns them into CLI errors. An error that lists several
+problems (``issues``, e.g. a run config's) prints one ``error:`` line per problem. No torch here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ def error_line(err: BaseException) -> str:
     return "error: " + " ".join(str(err).split())
 
 
+def error_lines(err: BaseException) -> list[str]:
+    """:func:`error_line`, or one ``error:`` line per problem for an error listing several (an ``issues`` tuple,
+    as the run config's RunConfigError has: its message holds one problem per line)."""
+    if isinstance(getattr(err, "issues", None), tuple):
+        return [error_line(line) for line in str(err).splitlines() if line.strip()]
+    return [error_line(err)]
+
+
 def exit_2_on_bad_input(command: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a typer command: BAD_INPUT errors print :func:`error_line` to stderr and exit with status 2."""
 
@@ -30,7 +39,8 @@ def exit_2_on_bad_input(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except BAD_INPUT as err:
-            typer.echo(error_line(err), err=True)
+            for line in error_lines(err):
+                typer.echo(line, err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return run

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from slimtune.train.data import bbc_topic_rows, encode, shakespeare_slice
-from slimtune.train.data.bundled import QUESTION, bbc_root
+from slimtune.train.data.bundled import QUESTION, bbc_root, read_article
 from slimtune.train.data.rows import check_row
 
 TOPICS = {"business", "entertainment", "politics", "sport", "tech"}
@@ -19,11 +19,13 @@ def answers(rows):
 
 def test_split_is_balanced_disjoint_and_complete():
     train, ev = bbc_topic_rows("train"), bbc_topic_rows("eval")
-    n_files = sum(1 for _ in bbc_root().glob("*/*.txt"))
-    assert len(train) + len(ev) == n_files and len(ev) == 100
+    distinct = {" ".join(read_article(f).split()[:90]) for f in bbc_root().glob("*/*.txt")}
+    assert len(train) + len(ev) == len(distinct) and len(ev) == 100
     assert Counter(answers(ev)) == {t: 20 for t in TOPICS}
     assert set(answers(train)) == TOPICS
-    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in ev}
+    train_texts = [r["messages"][0]["content"] for r in train]
+    assert len(set(train_texts)) == len(train_texts)  # duplicated corpus articles appear once
+    assert not set(train_texts) & {r["messages"][0]["content"] for r in ev}  # and never in both splits
 
 
 def test_split_is_deterministic_and_seeded():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -237,3 +238,23 @@ def test_classification_label_names(tmp_path, smol_tok):
     mixed = write(tmp_path / "mixed.json", [{"text": "a", "label": 2}, {"text": "b", "label": "x"}])
     with pytest.raises(DataFileError, match="labels mix integers and names"):
         build_examples(str(mixed), "classification", smol_tok, 32)
+
+
+def test_loading_leaves_no_cache_behind(tmp_path, monkeypatch):
+    # datasets' Arrow cache goes to a temporary folder that is removed: nothing new in the data folder, in
+    # datasets' default cache (~/.cache/huggingface/datasets) or in the temp dir outlives the call
+    import datasets
+
+    default = Path(datasets.config.HF_DATASETS_CACHE)
+    before = sorted(default.rglob("*")) if default.exists() else None
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    data = tmp_path / "data"
+    data.mkdir()
+    for suffix in (".jsonl", ".csv", ".parquet"):
+        write(data / f"d{suffix}", [GOOD["alpaca"]] * 2)
+        assert len(read_rows(str(data / f"d{suffix}"), "alpaca")[0]) == 2
+    assert sorted(p.name for p in data.iterdir()) == ["d.csv", "d.jsonl", "d.parquet"]
+    assert list(tmp.iterdir()) == []
+    assert (sorted(default.rglob("*")) if default.exists() else None) == before

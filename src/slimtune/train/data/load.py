@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimtune.train.data.formats import IGNORE, Example, encode
+from slimtune.train.data.formats import IGNORE, Example, class_index, encode
 from slimtune.train.data.rows import FORMATS, BadRow, Fields, check_row
 
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -165,6 +165,8 @@ def examples_from_rows(rows: Sequence[dict], fmt: str, tokenizer, max_length: in
     None derives it from the rows. A label outside the names raises BadRow (the row's ``row_number`` key, which
     ``read_rows`` sets, names it).
     """
+    if not rows:
+        raise DataFileError(file, "holds no rows; nothing to train on")
     names = None
     if fmt == "classification":
         try:
@@ -175,14 +177,14 @@ def examples_from_rows(rows: Sequence[dict], fmt: str, tokenizer, max_length: in
     digits = names is not None and all(n.isdigit() for n in names)
     examples, truncated = [], 0
     for i, row in enumerate(rows):
-        if fmt == "classification" and digits and str(row["label"]).strip().isdigit():
-            row = {**row, "label": str(int(row["label"]))}  # 7, "7" and "07" all name class "7"
-        try:
-            out, cut = encode(row, fmt, tokenizer, max_length, names)
-        except ValueError as e:
-            if fmt != "classification":
-                raise
-            raise BadRow(file, row.get("row_number", i + 1), "label", str(e)) from None
+        if fmt == "classification":
+            if digits and str(row["label"]).strip().isdigit():
+                row = {**row, "label": str(int(row["label"]))}  # 7, "7" and "07" all name class "7"
+            try:
+                class_index(row["label"], names)
+            except ValueError as e:
+                raise BadRow(file, row.get("row_number", i + 1), "label", str(e)) from None
+        out, cut = encode(row, fmt, tokenizer, max_length, names)
         examples.extend(out)
         truncated += cut
     stats = DataStats(

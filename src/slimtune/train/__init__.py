@@ -1,0 +1,1 @@
+"""slimtune train: run config, data, loop, checkpoints."""

@@ -118,9 +118,11 @@ def test_fp16_on_cpu_is_refused_before_training(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("kw, field", [({"max_steps": 0}, "max_steps=0"), ({"grad_accum": 0}, "grad_accum=0"),
-                                       ({"precision": "fp8"}, "precision='fp8'"), ({"save_every": 0}, "save_every=0"),
-                                       ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0"), ({"keep_last": 0}, "keep_last=0")])
+@pytest.mark.parametrize("kw, field", [
+    ({"max_steps": 0}, "max_steps=0"), ({"grad_accum": 0}, "grad_accum=0"), ({"precision": "fp8"}, "precision='fp8'"),
+    ({"save_every": 0}, "save_every=0"), ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0"),
+    ({"keep_last": 0}, "keep_last=0"),
+])
 def test_loop_config_names_bad_values(kw, field):
     with pytest.raises(ValueError, match=field):
         LoopConfig(**{"max_steps": 4, **kw})

@@ -90,7 +90,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
         state_json = json.dumps(state, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra={extra!r}: must be JSON-serialisable ({exc})") from None
-    root = Path(run_dir) / "checkpoints"
+    try:
+        return write_checkpoint(Path(run_dir) / "checkpoints", step, model, adapter_name, optimizer, scheduler,
+                                sampler, rng, state_json, keep_last)
+    finally:  # the live run continues from exactly the saved RNG state, even if something in the save drew
+        set_rng(rng["raw"])
+
+
+def write_checkpoint(root: Path, step: int, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, sampler: EpochSampler, rng: dict, state_json: str, keep_last: int) -> Path:
+    """The save itself: clean up, temp folder, files, rename, marker, prune."""
     root.mkdir(parents=True, exist_ok=True)
     remove_leftovers(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
@@ -194,12 +203,11 @@ def prune(root: Path, step: int, keep_last: int) -> None:
 
 def capture_rng() -> dict:
     """The global RNG states: torch CPU (and CUDA) as tensors, Python and NumPy as JSON-able lists."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"tensors": tensors,
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors = {"torch": torch.get_rng_state(), **{f"cuda.{i}": s for i, s in enumerate(cuda)}}
+    version, words, gauss = py = random.getstate()
+    name, keys, pos, has_gauss, cached = npy = np.random.get_state()
+    return {"tensors": tensors, "raw": {"torch": tensors["torch"], "cuda": cuda, "python": py, "numpy": npy},
             "json": {"python": [version, list(words), gauss],
                      "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}}
 
@@ -251,8 +259,14 @@ def apply(folder: Path, model: nn.Module, tensors: dict, optimizer: torch.optim.
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
+    set_rng(rng)
+
+
+def set_rng(rng: dict) -> None:
+    """Set the global generators from ``{"torch", "cuda": [...], "python", "numpy"}`` (CUDA states only
+    where there are CUDA devices: a CPU resume of a GPU run skips them)."""
     torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng["cuda"]:
+    if torch.cuda.is_available():
         for i, s in enumerate(rng["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
     random.setstate(rng["python"])

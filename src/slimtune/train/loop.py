@@ -43,7 +43,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; raised before that step's optimizer update (``.step``, ``.loss``)."""
 
-    def __init__(self, step: int, loss: float) -> None:
+    def __init__(self, step: int, loss: float = math.nan) -> None:
         self.step, self.loss = step, loss
         super().__init__(f"training diverged: loss is {loss} at step {step}; nothing was updated at this step "
                          "and the last complete checkpoint is kept (try a lower lr, max_grad_norm or bf16)")
@@ -121,20 +121,22 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             bar(metrics.step(step, loss_sum, lr, tokens, grad_norm, log))  # log
-            ckpt = after_step(step, cfg, model, evaluate, metrics, log, save) or ckpt
+            ckpt = after_step(step, cfg, model, device, evaluate, metrics, log, save) or ckpt
     return {"step": max(start_step, cfg.max_steps), "loss": metrics.last_loss, **metrics.totals(),
             "checkpoint": None if ckpt is None else str(ckpt)}
 
 
-def after_step(step: int, cfg: LoopConfig, model: nn.Module, evaluate: Callable[[], dict] | None,
-               metrics: "Metrics", log: Callable[[dict], None] | None, save: Callable[..., Path]) -> Path | None:
-    """Evaluate, then checkpoint, when due. Evaluation comes first so the saved RNG state is the one the
-    next step starts from whether or not the run is resumed there."""
+def after_step(step: int, cfg: LoopConfig, model: nn.Module, device: torch.device,
+               evaluate: Callable[[], dict] | None, metrics: "Metrics", log: Callable[[dict], None] | None,
+               save: Callable[..., Path]) -> Path | None:
+    """Evaluate (eval mode, no_grad, the training precision's autocast), then checkpoint, when due.
+    Evaluation comes first so the saved RNG state is the one the next step starts from whether or not the
+    run is resumed there."""
     last = step == cfg.max_steps
     if evaluate is not None and cfg.eval_every is not None and (step % cfg.eval_every == 0 or last):
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, cfg.precision):
             result = evaluate()
         model.train(was_training)
         metrics.write({"step": step, **{k: float(v) for k, v in result.items()}}, log)

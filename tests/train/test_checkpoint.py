@@ -237,3 +237,14 @@ def test_train_package_never_unpickles():
     text = "\n".join(p.read_text() for p in src.rglob("*.py"))
     for call in ("torch.load(", "import pickle", "pickle.load", "weights_only"):
         assert call not in text, call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators exist only with CUDA")
+def test_cuda_rng_round_trip(tmp_path):
+    parts = _parts(steps=1)
+    torch.cuda.manual_seed_all(5)
+    path = _save(tmp_path, 1, parts)
+    want = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(6)
+    _load(path, parts)
+    assert torch.equal(torch.rand(3, device="cuda"), want)

@@ -5,6 +5,7 @@ and an in-process resume that continues bit-identically."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,33 @@ def test_resume_in_process_continues_bit_identically(tmp_path):
     train_loop(model, opt, sched, sampler, make_batch, cfg, tmp_path / "resumed", start_step=start)
     resumed = _trainable(model)
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+
+
+def _short_run(tmp_path: Path, precision: str = "fp32", device: str = "cpu") -> tuple[dict, dict, dict]:
+    model = _lora_model().to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = _trainable(model)
+    out = train_loop(model, opt, make_scheduler(opt, 2, 0, "constant"), EpochSampler(8, 2, seed=0),
+                     lambda idx: {k: v.to(device) for k, v in _batch(idx).items()},
+                     LoopConfig(max_steps=2, precision=precision), tmp_path)
+    return before, _trainable(model), out
+
+
+def test_progress_bar_is_off_when_stdout_is_not_a_terminal(tmp_path, capsys):
+    _short_run(tmp_path / "a")
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_bar_shows_loss_lr_and_tokens_per_second_on_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _short_run(tmp_path / "a")
+    out = capsys.readouterr().out
+    assert "loss" in out and "lr" in out and "tok/s" in out and "2/2" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 trains on CUDA only")
+def test_fp16_on_cuda_trains_with_a_grad_scaler(tmp_path):
+    before, after, out = _short_run(tmp_path, precision="fp16", device="cuda")
+    assert out["loss"] == out["loss"] and out["step"] == 2
+    assert all(t.dtype == torch.float32 for t in after.values())
+    assert all(not torch.equal(before[n], after[n]) for n in before)

@@ -113,7 +113,7 @@ def write_checkpoint(root: Path, step: int, model: nn.Module, adapter_name: str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    test_hook_pause()
+    pause_for_tests()
     write_file(final / MARKER, lambda p: Path(p).write_text(f"step {step}\n"))
     fsync_path(final)
     prune(root, step, keep_last)
@@ -134,7 +134,7 @@ def write_contents(folder: Path, model: nn.Module, adapter_name: str, optimizer:
         for f in sorted(adapter.iterdir()):
             fsync_path(f)
         fsync_path(adapter)
-        test_hook_pause()
+        pause_for_tests()
     write_file(folder / "optimizer.safetensors", lambda p: save_optimizer(optimizer, p))
     write_file(folder / "scheduler.json", lambda p: Path(p).write_text(to_json(scheduler.state_dict(), "scheduler")))
     write_file(folder / "sampler.json", lambda p: Path(p).write_text(json.dumps(sampler.state())))
@@ -142,7 +142,7 @@ def write_contents(folder: Path, model: nn.Module, adapter_name: str, optimizer:
     write_file(folder / "rng.json", lambda p: Path(p).write_text(json.dumps(rng["json"])))
     write_file(folder / "state.json", lambda p: Path(p).write_text(state_json))
     fsync_path(folder)
-    test_hook_pause()
+    pause_for_tests()
 
 
 def to_json(d: dict, what: str) -> str:
@@ -156,7 +156,7 @@ def write_file(path: Path, write: Any) -> None:
     """``write(path)`` then fsync the file (and the test hook's pause)."""
     write(path)
     fsync_path(path)
-    test_hook_pause()
+    pause_for_tests()
 
 
 def fsync_path(path: Path) -> None:
@@ -170,7 +170,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def test_hook_pause() -> None:
+def pause_for_tests() -> None:
     """Sleep ``$SLIMTUNE_TEST_CHECKPOINT_SLEEP`` seconds when set: lets tests kill a save mid-write."""
     delay = os.environ.get(SLEEP_ENV)
     if delay:
@@ -242,12 +242,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, adapter_name: 
     except ValueError as exc:
         raise CheckpointError(f"{folder / 'sampler.json'}: {exc}") from None
     rng = read_rng(folder)
-    apply(folder, model, tensors, optimizer, scheduler, sched, sampler, samp, rng)
+    restore_all(folder, model, tensors, optimizer, scheduler, sched, sampler, samp, rng)
     return {"step": state["step"], **state["extra"]}
 
 
-def apply(folder: Path, model: nn.Module, tensors: dict, optimizer: torch.optim.Optimizer, scheduler: Any,
-          sched: dict, sampler: EpochSampler, samp: dict, rng: dict) -> None:
+def restore_all(folder: Path, model: nn.Module, tensors: dict, optimizer: torch.optim.Optimizer, scheduler: Any,
+                sched: dict, sampler: EpochSampler, samp: dict, rng: dict) -> None:
     """The writes, after every check passed; the optimizer (the only step left that could refuse) first."""
     try:
         load_optimizer(optimizer, folder / "optimizer.safetensors")

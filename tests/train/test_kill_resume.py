@@ -72,6 +72,31 @@ def _new_entries(ckpts: Path, before: set[str], temp: bool):
     return None
 
 
+def _kill_after_step(run: Path, step: int) -> None:
+    """Resume a run and SIGKILL it right after it reports ``step``."""
+    proc = _start(run, stdout=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.strip() == f"step {step}":
+            break
+    _kill(proc)
+
+
+def _kill_during_save(run: Path, in_temp: bool, sleep: float, delay: float, tries: int = 3) -> Path:
+    """Resume a run with the save hook sleeping ``sleep`` s between files and SIGKILL it ``delay`` s after a
+    new temp folder (``in_temp``) or a new unmarked step folder appears; returns that folder. Retried when a
+    loaded machine let the save get past that stage before the kill."""
+    ckpts = run / "checkpoints"
+    for _ in range(tries):
+        before = {p.name for p in ckpts.iterdir()} if ckpts.is_dir() else set()
+        proc = _start(run, sleep=sleep)
+        hit = _wait_for(proc, lambda: _new_entries(ckpts, before, temp=in_temp), "the save stage")
+        time.sleep(delay)
+        _kill(proc)
+        if hit.exists() and (in_temp or not (hit / MARKER).exists()):
+            return hit
+    pytest.fail(f"{tries} kills all came too late for the {'temp' if in_temp else 'unmarked'} stage")
+
+
 def _finish(run_dir: Path, tries: int = 3) -> None:
     for _ in range(tries):
         proc = _start(run_dir)
@@ -96,30 +121,23 @@ def test_kill9_at_several_points_then_resume_is_bit_identical(tmp_path):
     ckpts = run / "checkpoints"
 
     # 1. after a random number of steps
-    proc = _start(run, stdout=subprocess.PIPE)
-    kill_at = rng.randrange(2, 11)
-    for line in proc.stdout:
-        if line.strip() == f"step {kill_at}":
-            break
-    _kill(proc)
+    kill_at = [rng.randrange(2, 11)]
+    _kill_after_step(run, kill_at[0])
 
     # 2. inside a checkpoint write: a temp folder exists, files are being written into it
-    before = {p.name for p in ckpts.iterdir()} if ckpts.is_dir() else set()
-    proc = _start(run, sleep=0.1)
-    temp = _wait_for(proc, lambda: _new_entries(ckpts, before, temp=True), "a checkpoint temp folder")
-    time.sleep(rng.uniform(0.0, 0.5))
-    _kill(proc)
-    assert temp.exists(), f"seed {seed}: the kill did not land inside the write"
+    temp = _kill_during_save(run, in_temp=True, sleep=0.1, delay=rng.uniform(0.0, 0.5))
     latest = latest_checkpoint(run)
     assert latest is None or ".tmp-" not in latest.name, f"seed {seed}: a temp folder was picked up"
 
     # 3. between the rename and the 'complete' marker: step-N exists but is not complete
-    before = {p.name for p in ckpts.iterdir()}
-    proc = _start(run, sleep=0.2)
-    half = _wait_for(proc, lambda: _new_entries(ckpts, before, temp=False), "an unmarked step folder")
-    _kill(proc)
-    assert not (half / MARKER).exists(), f"seed {seed}: the kill came after the marker"
+    half = _kill_during_save(run, in_temp=False, sleep=0.2, delay=0.0)
     assert latest_checkpoint(run) != half, f"seed {seed}: {half.name} has no marker but was picked up"
+
+    # 4. after a random step again, somewhere past the last complete checkpoint
+    latest = latest_checkpoint(run)
+    done = 0 if latest is None else int(latest.name.split("-")[1])
+    kill_at.append(rng.randrange(done + 1, STEPS))
+    _kill_after_step(run, kill_at[1])
 
     _finish(run)
     assert not temp.exists() and not any(".tmp-" in p.name for p in ckpts.iterdir()), "leftovers not removed"

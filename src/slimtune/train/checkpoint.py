@@ -53,7 +53,7 @@ __all__ = ["CheckpointError", "MARKER", "SLEEP_ENV", "latest_checkpoint", "load_
 MARKER = "complete"
 SLEEP_ENV = "SLIMTUNE_TEST_CHECKPOINT_SLEEP"
 STEP_DIR = re.compile(r"step-(\d+)")
-LEFTOVER = re.compile(r"\.step-\d+\.(tmp|old)-.+")
+LEFTOVER = re.compile(r"\.step-\d+\.tmp-.+")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

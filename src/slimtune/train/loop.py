@@ -1,0 +1,281 @@
+"""The training loop: forward, backward, clip, step, log; the rest lives in small helpers below it.
+
+One optimizer step = ``grad_accum`` micro-batches, each ``make_batch(sampler.next_batch())``; the loss of
+each is divided by ``grad_accum`` so the summed gradients are the mean over the step's micro-batches
+(exactly the gradient of one big batch when every micro-batch has the same number of trained tokens;
+with a token-mean loss and unequal token counts, micro-batches are weighted equally, as in nanoGPT and
+HF Trainer without ``num_items_in_batch``).
+
+Precision: ``fp32``; ``bf16`` = ``torch.autocast(device, bfloat16)`` around the forward (trainable
+tensors stay as they are, e.g. fp32 adapters); ``fp16`` = autocast float16 with ``torch.amp.GradScaler``,
+CUDA only. Gradients are clipped over the trainable parameters only.
+
+``run_dir/metrics.jsonl`` gets one JSON object per logged step
+(``{"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "grad_norm"}``, ``tokens`` cumulative)
+and one per evaluation (``{"step", **evaluate()}``). On (re)start at ``start_step`` every line with a
+larger step is dropped first (an atomic rewrite), so a resumed run's file reads as one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.train.checkpoint import save_checkpoint
+from slimtune.train.checkpoint_read import CheckpointError, read_state
+from slimtune.train.sampler import EpochSampler
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; raised before that step's optimizer update (``.step``, ``.loss``)."""
+
+    def __init__(self, step: int, loss: float = math.nan) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(f"training diverged: loss is {loss} at step {step}; nothing was updated at this step "
+                         "and the last complete checkpoint is kept (try a lower lr, max_grad_norm or bf16)")
+
+
+def _positive_int(name: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer{' or None' if optional else ''}")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs from the run config. Raises ValueError naming the field for a bad value."""
+
+    max_steps: int
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only)
+    log_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every", "keep_last"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("eval_every", self.eval_every, optional=True)
+        _positive_int("save_every", self.save_every, optional=True)
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0
+                                 or math.isinf(norm)):
+            raise ValueError(f"max_grad_norm={norm!r}: must be a positive number or None (no clipping)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               sampler: EpochSampler, make_batch: Callable[[list[int]], dict[str, Tensor]], cfg: LoopConfig,
+               run_dir: str | os.PathLike, adapter_name: str = "default", start_step: int = 0,
+               evaluate: Callable[[], dict[str, float]] | None = None,
+               log: Callable[[dict], None] | None = None) -> dict:
+    """Train from ``start_step`` (0, or the step load_checkpoint returned) to ``cfg.max_steps``.
+
+    ``make_batch(indices)`` returns the model's keyword arguments, labels included, on the model's device;
+    the model returns ``.loss``. Evaluates every ``eval_every`` steps and at the end (``evaluate()`` runs in
+    eval mode under no_grad), then checkpoints every ``save_every`` steps and at the end. Returns
+    ``{"step", "loss", "tokens", "elapsed_s", "checkpoint"}``. Raises TrainingDiverged on a NaN/inf loss
+    (before the update), ValueError for fp16 off CUDA or a model with nothing to train.
+    """
+    run_dir = Path(run_dir)
+    device = training_device(model, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    metrics = Metrics(run_dir, start_step, cfg)
+    save = functools.partial(save_checkpoint, run_dir, model=model, adapter_name=adapter_name, optimizer=optimizer,
+                             scheduler=scheduler, sampler=sampler, keep_last=cfg.keep_last)
+    ckpt = None
+    model.train()
+    with progress_bar(cfg.max_steps, start_step) as bar:
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            loss_sum, tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = make_batch(sampler.next_batch())
+                with autocast(device, cfg.precision):
+                    loss = model(**batch).loss / cfg.grad_accum          # forward
+                loss_sum += finite_loss(loss, step)                        # NaN/inf: stop before any update
+                scaler.scale(loss).backward()                              # backward
+                tokens += count_tokens(batch)
+            grad_norm = clip_gradients(optimizer, scaler, trainable, cfg.max_grad_norm)  # clip
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)                                         # step
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar(metrics.step(step, loss_sum, lr, tokens, grad_norm, log))  # log
+            ckpt = after_step(step, cfg, model, device, evaluate, metrics, log, save) or ckpt
+    return {"step": max(start_step, cfg.max_steps), "loss": metrics.last_loss, **metrics.totals(),
+            "checkpoint": None if ckpt is None else str(ckpt)}
+
+
+def after_step(step: int, cfg: LoopConfig, model: nn.Module, device: torch.device,
+               evaluate: Callable[[], dict] | None, metrics: "Metrics", log: Callable[[dict], None] | None,
+               save: Callable[..., Path]) -> Path | None:
+    """Evaluate (eval mode, no_grad, the training precision's autocast), then checkpoint, when due.
+    Evaluation comes first so the saved RNG state is the one the next step starts from whether or not the
+    run is resumed there."""
+    last = step == cfg.max_steps
+    if evaluate is not None and cfg.eval_every is not None and (step % cfg.eval_every == 0 or last):
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(device, cfg.precision):
+            result = evaluate()
+        model.train(was_training)
+        metrics.write({"step": step, **{k: float(v) for k, v in result.items()}}, log)
+    if last or (cfg.save_every is not None and step % cfg.save_every == 0):
+        return save(step, extra=metrics.totals())
+    return None
+
+
+def training_device(model: nn.Module, precision: str) -> torch.device:
+    """The device of the trainable parameters; ValueError for none, or for fp16 anywhere but CUDA."""
+    p = next((p for p in model.parameters() if p.requires_grad), None)
+    if p is None:
+        raise ValueError("the model has no trainable parameters (requires_grad): inject an adapter first")
+    if precision == "fp16" and p.device.type != "cuda":
+        raise ValueError(f"precision='fp16': needs a CUDA device (the model is on {p.device.type}); "
+                         "use bf16 or fp32 there")
+    return p.device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for bf16 / fp16; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def finite_loss(loss: Tensor, step: int) -> float:
+    """``loss`` as a float; TrainingDiverged(step) when it is NaN or infinite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingDiverged(step, value)
+    return value
+
+
+def count_tokens(batch: dict[str, Tensor]) -> int:
+    """Tokens in a batch: attention_mask's ones when there is one (padded rows), else every input id."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[Tensor],
+                   max_norm: float | None) -> float | None:
+    """Clip the trainable parameters' gradients (unscaled first under fp16) to ``max_norm``; the norm before."""
+    if max_norm is None:
+        return None
+    scaler.unscale_(optimizer)
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, start: int) -> Iterator[Callable[[dict | None], None]]:
+    """A rich progress bar (loss, lr, tokens/s, ETA) when stdout is a terminal; yields ``update(record)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), disable=not sys.stdout.isatty()) as progress:
+        task = progress.add_task("train", total=total, completed=start, info="")
+
+        def update(record: dict | None) -> None:
+            if record is not None:
+                info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                        f"{record['tokens_per_s']:.0f} tok/s")
+                progress.update(task, completed=record["step"], info=info)
+
+        yield update
+
+
+class Metrics:
+    """``run_dir/metrics.jsonl``: trimmed to ``start_step`` at start, then appended line by line (flushed)."""
+
+    def __init__(self, run_dir: Path, start_step: int, cfg: LoopConfig) -> None:
+        self.path, self.cfg = run_dir / "metrics.jsonl", cfg
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trim_metrics(self.path, start_step)
+        prior = resumed_totals(run_dir, start_step)
+        self.tokens, self.elapsed0 = prior["tokens"], prior["elapsed_s"]
+        self.start = self.mark = time.perf_counter()
+        self.pending: list[float] = []
+        self.pending_tokens = 0
+        self.last_loss: float | None = None
+
+    def totals(self) -> dict:
+        return {"tokens": self.tokens, "elapsed_s": self.elapsed0 + time.perf_counter() - self.start}
+
+    def step(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None,
+             log: Callable[[dict], None] | None) -> dict | None:
+        """Count a finished step; write a record every ``log_every`` steps and at the last one."""
+        self.tokens += tokens
+        self.pending_tokens += tokens
+        self.pending.append(loss)
+        self.last_loss = loss
+        if step % self.cfg.log_every and step != self.cfg.max_steps:
+            return None
+        now = time.perf_counter()
+        record = {"step": step, "loss": sum(self.pending) / len(self.pending), "lr": lr, "tokens": self.tokens,
+                  "tokens_per_s": self.pending_tokens / max(now - self.mark, 1e-9),
+                  "elapsed_s": self.elapsed0 + now - self.start, "grad_norm": grad_norm}
+        self.pending, self.pending_tokens, self.mark = [], 0, now
+        self.write(record, log)
+        return record
+
+    def write(self, record: dict, log: Callable[[dict], None] | None) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if log is not None:
+            log(record)
+
+
+def trim_metrics(path: Path, keep_to: int) -> None:
+    """Drop every line whose step is above ``keep_to`` (and a torn last line) with an atomic rewrite.
+
+    Raises ValueError naming the file and line for a line in the middle that is not a JSON object with a step.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i == len(lines):  # a kill while appending leaves at most the last line torn
+                break
+            raise ValueError(f"{path}: line {i} is not a JSON object with a 'step': {line[:80]!r}") from None
+        if step <= keep_to:
+            kept.append(line + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def resumed_totals(run_dir: Path, start_step: int) -> dict:
+    """Tokens and elapsed time up to ``start_step``, from that step's checkpoint when there is one."""
+    state = run_dir / "checkpoints" / f"step-{start_step}" / "state.json"
+    if start_step > 0 and state.is_file():
+        try:
+            extra = read_state(state, state.parent.name)["extra"]
+            return {"tokens": int(extra.get("tokens", 0)), "elapsed_s": float(extra.get("elapsed_s", 0.0))}
+        except (CheckpointError, TypeError, ValueError):
+            pass  # counters only: a run resumes fine without them
+    return {"tokens": 0, "elapsed_s": 0.0}

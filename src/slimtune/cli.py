@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from slimtune.cli_errors import exit_2_on_bad_input
+from slimtune.cli_errors import exit_2_on_bad_input, run_or_exit_2
 from slimtune.memory.commands import register as register_memory_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -83,6 +83,29 @@ def validate(
     cfg = load_run_config(config, overrides or (), check_files=True)
     typer.echo(f"{config}: valid")
     typer.echo(describe(cfg))
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: str = typer.Argument(None, help="a run config (YAML), e.g. configs/train/lora.yaml; leave out for the "
+                                            "default run (BBC News topics on the bundled SmolLM2). Then overrides"),
+    overrides: list[str] = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 adapter.r=16"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in "
+                                                        "output_dir (bit-identical on CPU to an unbroken run)"),
+) -> None:
+    """Fine-tune a model on your data from a run config: progress, checkpoints, scores before and after."""
+    from slimtune.train.config import describe, load_run_config
+
+    if config is not None and "=" in config and not Path(config).exists():  # `slimtune train train.lr=1e-4`
+        overrides, config = [config, *(overrides or ())], None
+    cfg = run_or_exit_2(lambda: load_run_config(config, overrides or (), check_files=True))
+    typer.echo(describe(cfg))
+    from slimtune.train.run import train as run_training
+
+    result = run_or_exit_2(lambda: run_training(cfg, resume=resume, log=typer.echo))
+    typer.echo(result.summary())
+    typer.echo(f"use it: slimtune.load_adapter(model, {str(result.adapter_dir)!r}) or "
+               f"peft.PeftModel.from_pretrained(model, {str(result.adapter_dir)!r})")
 
 
 @app.command()

@@ -44,3 +44,29 @@ def exit_2_on_bad_input(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return run
+
+
+def run_or_exit_2(call: Callable[[], Any], bad_input: tuple[type[BaseException], ...] | None = None) -> Any:
+    """``call()``; the named bad-input errors of a long command (a run config, a data row, a model path, a run
+    that cannot start) print their ``error:`` lines and exit 2. Narrower than :func:`exit_2_on_bad_input`, so a
+    ValueError from deep inside a training run still shows its traceback."""
+    if bad_input is None:
+        bad_input = _train_errors()
+    try:
+        return call()
+    except bad_input as err:
+        for line in error_lines(err):
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _train_errors() -> tuple[type[BaseException], ...]:
+    """The named errors of `slimtune train` (its modules import torch: loaded only by that command)."""
+    from slimtune.config import ConfigError
+    from slimtune.files import AdapterFileError
+    from slimtune.train.config import RunConfigError
+    from slimtune.train.data import BadRow
+    from slimtune.train.model import ModelLoadError
+    from slimtune.train.run import RunError
+
+    return (ConfigError, RunConfigError, FileNotFoundError, AdapterFileError, BadRow, ModelLoadError, RunError)

@@ -384,6 +384,6 @@ def test_describe_names_model_method_data_steps_and_effective_batch():
     cfg = load_run_config(None, ["train.grad_accum=4", "train.batch_size=2"])
     text = describe(cfg)
     for needle in ("smollm2-135m", "lora r=8 alpha=16 on all-linear", "the bundled BBC News set", "chat format",
-                   "80 steps", "effective batch 8 (batch_size 2 x grad_accum 4)", "runs/train"):
+                   "30 steps", "effective batch 8 (batch_size 2 x grad_accum 4)", "runs/train"):
         assert needle in text, (needle, text)
     assert "1.5 epochs" in describe(run_config_from_dict({"train": {"epochs": 1.5}}))

@@ -1,0 +1,191 @@
+"""``slimtune train``: one run from a run config, start to finish (the library function the CLI calls).
+
+Reads top to bottom: seed, data, model, scores before, adapter, optimizer and schedule, resume, the loop,
+scores after, the final adapter. The loop itself (forward, backward, clip, step, log, checkpoints) lives in
+``slimtune.train.loop``; the pieces it is given are built here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import slimtune
+from slimtune.train import evaluate as ev
+from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
+from slimtune.train.config import RunConfig, save_run_config
+from slimtune.train.datasets import RunData, build_run_data
+from slimtune.train.loop import LoopConfig, train_loop
+from slimtune.train.model import DTYPES, enable_checkpointing, load_model, load_tokenizer
+from slimtune.train.sampler import EpochSampler
+from slimtune.train.schedule import make_scheduler
+
+ADAPTER = "default"
+SAMPLES = 3  # held-out prompts whose greedy replies are shown before and after
+
+
+class RunError(ValueError):
+    """A run that cannot start as configured (checkpoints of another run in output_dir, fp16 on CPU, ...)."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    before: dict[str, float]
+    after: dict[str, float]
+    samples: list[dict[str, str]] = field(default_factory=list)  # prompt, expected, before, after
+
+    def summary(self) -> str:
+        lines = [f"trained {self.steps} steps; adapter saved to {self.adapter_dir}"]
+        for key, after in self.after.items():
+            lines.append(f"  {key:<20} before {_fmt(key, self.before.get(key))}   after {_fmt(key, after)}")
+        for s in self.samples:
+            lines.append(f"  {s['prompt'][-70:]!r}\n    expected {s['expected']!r}; before {s['before']!r}; "
+                         f"after {s['after']!r}")
+        return "\n".join(lines)
+
+
+def _fmt(key: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:7.1%}" if key.endswith(("accuracy", "exact_match")) else f"{v:7.4f}"
+
+
+def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.adapter``; returns the scores before and after.
+
+    Raises RunError, slimtune.train.config.RunConfigError, BadRow (a bad data row), ModelLoadError.
+    """
+    run_dir = Path(cfg.output_dir)
+    _check_start(cfg, run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
+    _seed_everything(cfg.train.seed)
+    task = "classification" if cfg.data.format == "classification" else "causal"
+    tokenizer = load_tokenizer(cfg.model.name)
+    data = build_run_data(cfg.data, tokenizer, cfg.train.seed)  # every bad row is found before the model loads
+    num_labels = len(data.label_names or ()) if task == "classification" else None
+    model = load_model(cfg.model.name, cfg.model.dtype, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    model.config.use_cache = False  # training: a KV cache would also switch off the packed block-diagonal mask
+    log(f"data: {data.stats.rows} rows ({data.stats.skipped} skipped, {data.stats.truncated} truncated), "
+        f"{len(data.train_rows)} training rows{' packed' if data.packed else ''}, {len(data.eval_examples)} eval")
+    if cfg.quantize == "nf4":
+        log(str(slimtune.quantize_model(model, compute_dtype=DTYPES[cfg.model.dtype])))
+    before, answers_before = _scores(model, tokenizer, data, cfg)
+    log(str(slimtune.prepare(model, cfg.adapter, ADAPTER, tokenizer=tokenizer)))
+    if cfg.train.grad_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    total = _total_steps(cfg, len(data.train_rows))
+    optimizer = _optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, total, cfg.train.warmup_steps(total), cfg.train.scheduler)
+    sampler = EpochSampler(len(data.train_rows), cfg.train.batch_size, cfg.train.seed)
+    start = _resume(run_dir, model, optimizer, scheduler, sampler, log) if resume else 0
+    loop_cfg = LoopConfig(max_steps=total, grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
+                          precision=cfg.train.precision, log_every=cfg.train.log_every,
+                          eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
+                          keep_last=cfg.train.keep_last)
+    evaluate = (lambda: {"eval_loss": ev.eval_loss(model, data.eval_batches(cfg.train.batch_size))}
+                if data.eval_examples and task == "causal" else None)
+    train_loop(model, optimizer, scheduler, sampler, data.batch, loop_cfg, run_dir, ADAPTER, start_step=start,
+               evaluate=evaluate)
+    after, answers_after = _scores(model, tokenizer, data, cfg)
+    adapter_dir = slimtune.save_adapter(model, run_dir / "adapter", ADAPTER, base_model_name_or_path=cfg.model.name)
+    samples = [{"prompt": c[-1]["content"], "expected": t, "before": b, "after": a}
+               for c, t, b, a in zip(data.conversations, data.answers, answers_before, answers_after)][:SAMPLES]
+    result = RunResult(run_dir, adapter_dir, total, before, after, samples)
+    _write_summary(run_dir, result)
+    return result
+
+
+def _check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise RunError("train.precision='fp16': needs a CUDA GPU (fp16 with a loss scaler); on CPU use bf16 or fp32")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise RunError(f"output_dir={str(run_dir)!r} holds checkpoints of an earlier run: pass --resume to continue "
+                       "it, or choose another output_dir")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _total_steps(cfg: RunConfig, n_rows: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    return max(1, math.ceil(cfg.train.epochs * n_rows / per_step))
+
+
+def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.loraplus_ratio is not None:
+        return slimtune.create_loraplus_optimizer(model, lr=t.lr, ratio=t.loraplus_ratio, weight_decay=t.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adamw8bit":
+        return slimtune.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "offload":
+        return slimtune.OffloadedOptimizer(params, torch.optim.AdamW, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, sampler, log) -> int:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        log(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        return 0
+    state = load_checkpoint(ckpt, model=model, adapter_name=ADAPTER, optimizer=optimizer, scheduler=scheduler,
+                            sampler=sampler)
+    log(f"resumed from {ckpt} (step {state['step']})")
+    return int(state["step"])
+
+
+def _scores(model: nn.Module, tokenizer: Any, data: RunData, cfg: RunConfig) -> tuple[dict[str, float], list[str]]:
+    """Held-out scores (eval loss or accuracy, exact match of short chat answers, loss on general text) and the
+    greedy answers behind the exact match."""
+    out: dict[str, float] = {}
+    batches = data.eval_batches(cfg.train.batch_size)
+    if cfg.data.format == "classification":
+        if batches:
+            out["eval_accuracy"] = ev.accuracy(model, batches)
+        return out, []
+    if batches:
+        out["eval_loss"] = ev.eval_loss(model, batches)
+    answers = ev.generate_answers(model, tokenizer, data.conversations) if data.conversations else []
+    if answers:
+        out["eval_exact_match"] = ev.exact_match(answers, data.answers)
+    out["general_text_loss"] = ev.text_loss(model, _general_blocks(tokenizer, cfg))
+    return out, answers
+
+
+GENERAL_BLOCKS, GENERAL_LEN = 16, 128
+
+
+def _general_blocks(tokenizer: Any, cfg: RunConfig) -> torch.Tensor:
+    """Token blocks (16, 128) of text the adapter was not trained on: ``data.general`` or a slice of the bundled
+    Shakespeare (Romeo and Juliet): the forgetting check."""
+    from slimtune.data import shakespeare_text, token_blocks
+
+    text = (Path(cfg.data.general).read_text(encoding="utf-8", errors="replace") if cfg.data.general
+            else shakespeare_text("romeo"))
+    return token_blocks(tokenizer, text, GENERAL_LEN, max_blocks=GENERAL_BLOCKS)
+
+
+def _write_summary(run_dir: Path, result: RunResult) -> None:
+    """One last line in metrics.jsonl: the scores before and after."""
+    record = {"event": "summary", "steps": result.steps, "before": result.before, "after": result.after,
+              "adapter": str(result.adapter_dir)}
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

@@ -104,8 +104,6 @@ def train(
 
     result = run_or_exit_2(lambda: run_training(cfg, resume=resume, log=typer.echo))
     typer.echo(result.summary())
-    typer.echo(f"use it: slimtune.load_adapter(model, {str(result.adapter_dir)!r}) or "
-               f"peft.PeftModel.from_pretrained(model, {str(result.adapter_dir)!r})")
 
 
 @app.command()

@@ -90,3 +90,23 @@ def test_train_resume_and_load_in_peft(tmp_path):
     x = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_freeze_writes_a_plain_model_folder_that_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = _chat_file(tmp_path / "chat.jsonl", CHAT)
+    result = runner.invoke(app, _args(tmp_path, data, "train.max_steps=1", "train.save_every=null",
+                                      "adapter={method: freeze, last_n_blocks: 1}"))
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "run" / "model"
+    assert (folder / "config.json").is_file() and not (tmp_path / "run" / "adapter").exists()
+    assert "AutoModelForCausalLM.from_pretrained" in result.output
+    trained = AutoModelForCausalLM.from_pretrained(folder).eval()
+    from slimtune.train.model import load_model
+
+    base = load_model("smollm2-135m", "float32")
+    last = len(base.model.layers) - 1
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))}
+    assert changed and all(f"layers.{last}." in n for n in changed), sorted(changed)[:5]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +42,7 @@ class RunError(ValueError):
 @dataclass
 class RunResult:
     output_dir: Path
-    adapter_dir: Path
+    adapter_dir: Path  # adapter/ (a PEFT folder), or model/ for freeze / full fine-tuning
     steps: int
     before: dict[str, float]
     after: dict[str, float]
@@ -52,6 +55,12 @@ class RunResult:
         for s in self.samples:
             lines.append(f"  {s['prompt'][-70:]!r}\n    expected {s['expected']!r}; before {s['before']!r}; "
                          f"after {s['after']!r}")
+        where = str(self.adapter_dir)
+        if self.adapter_dir.name == "model":
+            lines.append(f"use it: AutoModelForCausalLM.from_pretrained({where!r}) (a plain Hugging Face folder)")
+        else:
+            lines.append(f"use it: slimtune.load_adapter(model, {where!r}) or "
+                         f"peft.PeftModel.from_pretrained(model, {where!r})")
         return "\n".join(lines)
 
 
@@ -100,12 +109,31 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     train_loop(model, optimizer, scheduler, sampler, data.batch, loop_cfg, run_dir, ADAPTER, start_step=start,
                evaluate=evaluate)
     after, answers_after = _scores(model, tokenizer, data, cfg)
-    adapter_dir = slimtune.save_adapter(model, run_dir / "adapter", ADAPTER, base_model_name_or_path=cfg.model.name)
+    adapter_dir = _save_result(model, tokenizer, cfg, run_dir)
     samples = [{"prompt": c[-1]["content"], "expected": t, "before": b, "after": a}
                for c, t, b, a in zip(data.conversations, data.answers, answers_before, answers_after)][:SAMPLES]
     result = RunResult(run_dir, adapter_dir, total, before, after, samples)
     _write_summary(run_dir, result)
     return result
+
+
+def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
+    """The run's product: ``adapter/`` (a PEFT folder) or, for freeze / full fine-tuning, which train the model
+    itself, ``model/`` (a plain Hugging Face folder with the tokenizer), written to a temp folder and renamed."""
+    if cfg.adapter.method not in ("freeze", "full"):
+        return slimtune.save_adapter(model, run_dir / "adapter", ADAPTER, base_model_name_or_path=cfg.model.name)
+    target = run_dir / "model"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".model-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:

@@ -69,3 +69,23 @@ def test_a_resumed_run_estimates_from_its_own_steps():
 @pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (45, "45s"), (200, "3m20s"), (3720, "1h02m")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+@pytest.mark.slow
+def test_slimtune_train_prints_plain_progress_lines_when_piped(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": str(a + b)}]} for a in range(2, 9) for b in range(3, 7)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["train", f"data.train={data}", "data.format=chat", "data.eval_fraction=0.25",
+                                      "data.max_length=64", "train.max_steps=3", "train.batch_size=4",
+                                      "train.eval_every=null", f"output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 0, result.output
+    steps = [LINE.match(x).groups() for x in result.output.splitlines() if LINE.match(x)]
+    assert steps and steps[0] == ("1", "3") and steps[-1] == ("3", "3"), result.output

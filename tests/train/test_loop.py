@@ -204,3 +204,48 @@ def test_fp16_on_cuda_trains_with_a_grad_scaler(tmp_path):
     assert out["loss"] == out["loss"] and out["step"] == 2
     assert all(t.dtype == torch.float32 for t in after.values())
     assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
+def _tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_metrics_record_as_scalars_when_installed(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    model = _lora_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_loop(model, opt, make_scheduler(opt, 3, 0, "constant"), EpochSampler(8, 2, seed=0), _batch,
+               LoopConfig(max_steps=3, eval_every=2), tmp_path, evaluate=lambda: {"eval_loss": 1.5})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(tmp_path)
+    for tag in ("loss", "lr", "tokens_per_s", "grad_norm"):
+        want = [(x["step"], x[tag]) for x in lines if tag in x]
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3]
+        assert [v for _, v in scalars[tag]] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert scalars["eval_loss"] == [(2, 1.5), (3, 1.5)]
+
+
+def test_without_tensorboard_training_runs_and_writes_no_tensorboard_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    _, _, out = _short_run(tmp_path)
+    assert out["step"] == 2 and (tmp_path / "metrics.jsonl").is_file()
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_drops_the_killed_steps_on_resume(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    model, opt, sched, sampler, make_batch = build(6)
+    train_loop(model, opt, sched, sampler, make_batch, LoopConfig(max_steps=5, save_every=3), tmp_path)
+    model, opt, sched, sampler, make_batch = build(6)
+    start = load_checkpoint(tmp_path / "checkpoints" / "step-3", model=model, adapter_name="default",
+                            optimizer=opt, scheduler=sched, sampler=sampler)["step"]
+    train_loop(model, opt, sched, sampler, make_batch, LoopConfig(max_steps=6, save_every=3), tmp_path,
+               start_step=start)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    loss = _tensorboard_scalars(tmp_path)["loss"]
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 of the first run purged, not doubled
+    assert [v for _, v in loss] == pytest.approx([x["loss"] for x in lines], rel=1e-6)

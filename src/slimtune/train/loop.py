@@ -1,19 +1,25 @@
 """The training loop: forward, backward, clip, step, log; the rest lives in small helpers below it.
 
-One optimizer step = ``grad_accum`` micro-batches, each ``make_batch(sampler.next_batch())``; the loss of
-each is divided by ``grad_accum`` so the summed gradients are the mean over the step's micro-batches
-(exactly the gradient of one big batch when every micro-batch has the same number of trained tokens;
-with a token-mean loss and unequal token counts, micro-batches are weighted equally, as in nanoGPT and
-HF Trainer without ``num_items_in_batch``).
+One optimizer step = ``grad_accum`` micro-batches, each ``make_batch(sampler.next_batch())``, all drawn
+before the first forward. The step's loss is the mean over *every trained token* of those micro-batches
+(labels != -100 after the causal shift; rows for a classifier): each micro-batch contributes its summed
+loss divided by the step's total count, so the summed gradients are exactly those of one big batch even
+when packing or chat masking leaves the micro-batches with unequal token counts (what HF Trainer does with
+``num_items_in_batch``). A step with no trained token at all has loss 0/0 = NaN: TrainingDiverged.
 
 Precision: ``fp32``; ``bf16`` = ``torch.autocast(device, bfloat16)`` around the forward (trainable
 tensors stay as they are, e.g. fp32 adapters); ``fp16`` = autocast float16 with ``torch.amp.GradScaler``,
 CUDA only. Gradients are clipped over the trainable parameters only.
 
 ``run_dir/metrics.jsonl`` gets one JSON object per logged step
-(``{"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "grad_norm"}``, ``tokens`` cumulative)
-and one per evaluation (``{"step", **evaluate()}``). On (re)start at ``start_step`` every line with a
-larger step is dropped first (an atomic rewrite), so a resumed run's file reads as one run.
+(``{"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "grad_norm"}``, ``tokens`` cumulative,
+``loss`` the trained-token-weighted mean since the last record) and one per evaluation
+(``{"step", **evaluate()}``). On (re)start at ``start_step`` every line with a larger step is dropped first
+(an atomic rewrite), so a resumed run's file reads as one run. When TensorBoard is installed the same
+numbers go to ``run_dir/tensorboard/`` as scalars (events past ``start_step`` purged on resume).
+
+Progress: a rich bar on a terminal; otherwise (CI logs, ``| tee``) one plain line to ``echo`` on logged
+steps, at most every ``PLAIN_EVERY_S`` seconds (and always at the first and the last step).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +44,8 @@ from slimtune.train.checkpoint_read import CheckpointError, read_state
 from slimtune.train.sampler import EpochSampler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+IGNORE_INDEX = -100  # the label of an untrained token (prompt, padding, a packed example's first token)
+PLAIN_EVERY_S = 10.0  # seconds between plain progress lines when stdout is not a terminal
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,11 +94,13 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
                sampler: EpochSampler, make_batch: Callable[[list[int]], dict[str, Tensor]], cfg: LoopConfig,
                run_dir: str | os.PathLike, adapter_name: str = "default", start_step: int = 0,
                evaluate: Callable[[], dict[str, float]] | None = None,
-               log: Callable[[dict], None] | None = None) -> dict:
+               log: Callable[[dict], None] | None = None, echo: Callable[[str], None] | None = None) -> dict:
     """Train from ``start_step`` (0, or the step load_checkpoint returned) to ``cfg.max_steps``.
 
     ``make_batch(indices)`` returns the model's keyword arguments, labels included, on the model's device;
-    the model returns ``.loss``. Evaluates every ``eval_every`` steps and at the end (``evaluate()`` runs in
+    a causal LM (integer labels (B, T)) returns ``.logits`` (B, T, V), any other model ``.loss`` (the mean
+    over its rows). ``log`` gets every metrics record; ``echo`` the plain progress lines when stdout is not
+    a terminal (nothing when None). Evaluates every ``eval_every`` steps and at the end (``evaluate()`` runs in
     eval mode under no_grad), then checkpoints every ``save_every`` steps and at the end. Returns
     ``{"step", "loss", "tokens", "elapsed_s", "checkpoint"}``. Raises TrainingDiverged on a NaN/inf loss
     (before the update), ValueError for fp16 off CUDA or a model with nothing to train.
@@ -104,13 +114,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
                              scheduler=scheduler, sampler=sampler, keep_last=cfg.keep_last)
     ckpt = None
     model.train()
-    with progress_bar(cfg.max_steps, start_step) as bar:
+    with progress_bar(cfg.max_steps, start_step, echo) as bar, contextlib.closing(metrics):
         for step in range(start_step + 1, cfg.max_steps + 1):
+            batches = [make_batch(sampler.next_batch()) for _ in range(cfg.grad_accum)]
+            trained = sum(count_trained(b) for b in batches)  # the step's loss is the mean over these
             loss_sum, tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = make_batch(sampler.next_batch())
+            for batch in batches:
                 with autocast(device, cfg.precision):
-                    loss = model(**batch).loss / cfg.grad_accum          # forward
+                    loss = summed_loss(model, batch) / trained             # forward
                 loss_sum += finite_loss(loss, step)                        # NaN/inf: stop before any update
                 scaler.scale(loss).backward()                              # backward
                 tokens += count_tokens(batch)
@@ -120,7 +131,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            bar(metrics.step(step, loss_sum, lr, tokens, grad_norm, log))  # log
+            bar(metrics.step(step, loss_sum, trained, lr, tokens, grad_norm, log))  # log
             ckpt = after_step(step, cfg, model, device, evaluate, metrics, log, save) or ckpt
     return {"step": max(start_step, cfg.max_steps), "loss": metrics.last_loss, **metrics.totals(),
             "checkpoint": None if ckpt is None else str(ckpt)}
@@ -171,6 +182,40 @@ def finite_loss(loss: Tensor, step: int) -> float:
     return value
 
 
+def is_causal(labels: Tensor) -> bool:
+    """Integer labels (B, T): a causal LM's per-token labels (else a classifier's, one per row)."""
+    return labels.dim() == 2 and not labels.is_floating_point()
+
+
+def count_trained(batch: dict[str, Tensor]) -> int:
+    """What the step's loss is averaged over: trained tokens of a causal batch (``labels[:, 1:] != -100``,
+    the model predicts token t+1 from t so the first label never counts), else rows."""
+    labels = batch["labels"]
+    if is_causal(labels):
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int(labels.shape[0])
+
+
+def causal_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross-entropy, in fp32: logits (B, T, V), labels (B, T) with -100 = not trained;
+    position t predicts label t+1 (the shift HF's causal LM loss applies). Returns a 0-dim tensor."""
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab),
+                                             labels[:, 1:].reshape(-1).to(logits.device),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The micro-batch's loss summed over what count_trained counts (0-dim). A causal LM's loss is computed
+    here from its logits (the model's own is a mean over this micro-batch only); a classifier's mean over
+    rows is multiplied back by the rows."""
+    labels = batch["labels"]
+    if is_causal(labels):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return causal_loss_sum(logits, labels)
+    return model(**batch).loss * labels.shape[0]
+
+
 def count_tokens(batch: dict[str, Tensor]) -> int:
     """Tokens in a batch: attention_mask's ones when there is one (padded rows), else every input id."""
     mask = batch.get("attention_mask")
@@ -187,12 +232,17 @@ def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, start: int) -> Iterator[Callable[[dict | None], None]]:
-    """A rich progress bar (loss, lr, tokens/s, ETA) when stdout is a terminal; yields ``update(record)``."""
+def progress_bar(total: int, start: int, echo: Callable[[str], None] | None = None
+                 ) -> Iterator[Callable[[dict | None], None]]:
+    """A rich progress bar (loss, lr, tokens/s, ETA) when stdout is a terminal, else plain lines to ``echo``
+    (PlainProgress; nothing when ``echo`` is None); yields ``update(record)``."""
+    if not sys.stdout.isatty():
+        yield PlainProgress(total, start, echo) if echo is not None else (lambda record: None)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), disable=not sys.stdout.isatty()) as progress:
+                  TimeRemainingColumn()) as progress:
         task = progress.add_task("train", total=total, completed=start, info="")
 
         def update(record: dict | None) -> None:
@@ -204,8 +254,53 @@ def progress_bar(total: int, start: int) -> Iterator[Callable[[dict | None], Non
         yield update
 
 
+class PlainProgress:
+    """Progress for logs that are not a terminal: ``step 12/30  loss 0.279  lr 7.3e-04  186 tok/s  eta 3m20s``
+    to ``echo`` for a logged step at most every ``every_s`` seconds (always the first and the last one).
+    The ETA extrapolates this session's seconds per step. ``clock`` is injectable for tests."""
+
+    def __init__(self, total: int, start: int, echo: Callable[[str], None], every_s: float = PLAIN_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.start, self.echo, self.every_s, self.clock = total, start, echo, every_s, clock
+        self.t0 = clock()
+        self.last: float | None = None
+
+    def __call__(self, record: dict | None) -> None:
+        if record is None:
+            return
+        now, step = self.clock(), record["step"]
+        if self.last is not None and now - self.last < self.every_s and step != self.total:
+            return
+        self.last = now
+        eta = (now - self.t0) / max(step - self.start, 1) * (self.total - step)
+        self.echo(f"step {step}/{self.total}  loss {record['loss']:.3f}  lr {record['lr']:.1e}  "
+                  f"{record['tokens_per_s']:.0f} tok/s  eta {format_duration(eta)}")
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m20s``, ``1h02m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def open_tensorboard(run_dir: Path, start_step: int) -> Any | None:
+    """A SummaryWriter on ``run_dir/tensorboard`` when TensorBoard is installed, else None (never required).
+    On resume, events past ``start_step`` (written before the kill) are purged so the curves read as one run."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step > 0 else None,
+                         flush_secs=10)
+
+
 class Metrics:
-    """``run_dir/metrics.jsonl``: trimmed to ``start_step`` at start, then appended line by line (flushed)."""
+    """``run_dir/metrics.jsonl``: trimmed to ``start_step`` at start, then appended line by line (flushed);
+    the same records as TensorBoard scalars when it is installed. ``close()`` flushes TensorBoard."""
 
     def __init__(self, run_dir: Path, start_step: int, cfg: LoopConfig) -> None:
         self.path, self.cfg = run_dir / "metrics.jsonl", cfg
@@ -214,25 +309,28 @@ class Metrics:
         prior = resumed_totals(run_dir, start_step)
         self.tokens, self.elapsed0 = prior["tokens"], prior["elapsed_s"]
         self.start = self.mark = time.perf_counter()
-        self.pending: list[float] = []
+        self.pending: list[tuple[float, int]] = []  # (step loss, trained tokens) since the last record
         self.pending_tokens = 0
         self.last_loss: float | None = None
+        self.writer = open_tensorboard(run_dir, start_step)
 
     def totals(self) -> dict:
         return {"tokens": self.tokens, "elapsed_s": self.elapsed0 + time.perf_counter() - self.start}
 
-    def step(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None,
+    def step(self, step: int, loss: float, trained: int, lr: float, tokens: int, grad_norm: float | None,
              log: Callable[[dict], None] | None) -> dict | None:
-        """Count a finished step; write a record every ``log_every`` steps and at the last one."""
+        """Count a finished step (its mean loss over ``trained`` tokens); write a record every ``log_every``
+        steps and at the last one, its loss the trained-token-weighted mean of the steps since the last."""
         self.tokens += tokens
         self.pending_tokens += tokens
-        self.pending.append(loss)
+        self.pending.append((loss, trained))
         self.last_loss = loss
         if step % self.cfg.log_every and step != self.cfg.max_steps:
             return None
         now = time.perf_counter()
-        record = {"step": step, "loss": sum(self.pending) / len(self.pending), "lr": lr, "tokens": self.tokens,
-                  "tokens_per_s": self.pending_tokens / max(now - self.mark, 1e-9),
+        weight = sum(n for _, n in self.pending)
+        record = {"step": step, "loss": sum(x * n for x, n in self.pending) / weight, "lr": lr,
+                  "tokens": self.tokens, "tokens_per_s": self.pending_tokens / max(now - self.mark, 1e-9),
                   "elapsed_s": self.elapsed0 + now - self.start, "grad_norm": grad_norm}
         self.pending, self.pending_tokens, self.mark = [], 0, now
         self.write(record, log)
@@ -241,8 +339,16 @@ class Metrics:
     def write(self, record: dict, log: Callable[[dict], None] | None) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
         if log is not None:
             log(record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def trim_metrics(path: Path, keep_to: int) -> None:

@@ -107,7 +107,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     evaluate = (lambda: {"eval_loss": ev.eval_loss(model, data.eval_batches(cfg.train.batch_size))}
                 if data.eval_examples and task == "causal" else None)
     train_loop(model, optimizer, scheduler, sampler, data.batch, loop_cfg, run_dir, ADAPTER, start_step=start,
-               evaluate=evaluate)
+               evaluate=evaluate, echo=log)  # plain progress lines when stdout is not a terminal
     after, answers_after = _scores(model, tokenizer, data, cfg)
     adapter_dir = _save_result(model, tokenizer, cfg, run_dir)
     samples = [{"prompt": c[-1]["content"], "expected": t, "before": b, "after": a}

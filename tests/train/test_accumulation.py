@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import slimtune
-from slimtune.train.loop import LoopConfig, TrainingDiverged, count_trained, train_loop
+from slimtune.train.loop import LoopConfig, TrainingDiverged, count_trained, summed_loss, train_loop
 from slimtune.train.sampler import EpochSampler
 from slimtune.train.schedule import make_scheduler
-from tests.conftest import randomize_adapters, tiny_llama
+from tests.conftest import randomize_adapters, tiny_llama, tokens
 
 SEQ = 12
 IDS = torch.randint(0, 128, (4, SEQ), generator=torch.Generator().manual_seed(3))
@@ -133,3 +133,18 @@ def test_count_trained_counts_labels_after_the_shift_or_rows():
     labels = torch.tensor([[5, -100, 7, 8], [-100, -100, -100, 9]])
     assert count_trained({"labels": labels}) == 3  # the first column is never predicted
     assert count_trained({"labels": torch.tensor([1, 0, 2])}) == 3
+
+
+def test_prompt_tuning_loss_scores_only_the_real_tokens():
+    """Virtual tokens are prepended to the logits; the summed loss must equal the model's own (mean) loss, which
+    the prompt hook computes with -100 labels on the virtual positions, times the trained-token count."""
+    model = tiny_llama()
+    slimtune.prepare(model, slimtune.PromptTuningConfig(num_virtual_tokens=4))
+    ids = tokens(batch=2, seq=10, seed=4)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    with torch.no_grad():
+        ours = summed_loss(model, batch)
+        reference = model(input_ids=ids, labels=labels).loss * count_trained(batch)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)

@@ -212,7 +212,8 @@ def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     labels = batch["labels"]
     if is_causal(labels):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return causal_loss_sum(logits, labels)
+        # prompt tuning prepends virtual tokens: their positions carry no label, so score only the real ones
+        return causal_loss_sum(logits[:, logits.shape[1] - labels.shape[1]:], labels)
     return model(**batch).loss * labels.shape[0]
 
 

@@ -53,7 +53,13 @@ def _short_answer_prompts(rows: Sequence[dict]) -> tuple[list, list[str]]:
     return prompts[:GENERATE_MAX], answers[:GENERATE_MAX]
 
 
-def _rows(data_cfg: Any, seed: int) -> tuple[str, list[dict], list[dict], int, str]:
+def fmt_splits_rows(data_cfg: Any) -> bool:
+    """Whether ``eval_fraction`` holds out rows (chat, alpaca, classification) or, for text, chunks: a text file
+    is often one long document, so its held-out part is a share of its ``max_length`` chunks."""
+    return data_cfg.format != "text"
+
+
+def _rows(data_cfg: Any, seed: int, split: bool = True) -> tuple[str, list[dict], list[dict], int, str]:
     """(format, train rows, eval rows, skipped, train file name): the bundled set, or the user's files."""
     if data_cfg.train is None:  # the bundled default task (chat rows with their own eval split)
         return "chat", bbc_topic_rows("train", seed=seed), bbc_topic_rows("eval", seed=seed), 0, BUNDLED_NAME
@@ -62,18 +68,22 @@ def _rows(data_cfg: Any, seed: int) -> tuple[str, list[dict], list[dict], int, s
     rows, skipped = read_rows(data_cfg.train, data_cfg.format, **kw)
     if data_cfg.eval is not None:
         eval_rows, _ = read_rows(data_cfg.eval, data_cfg.format, **kw)
-    else:
+    elif split:
         rows, eval_rows = _split(rows, data_cfg.eval_fraction, seed)
+    else:
+        eval_rows = []
     return data_cfg.format, rows, eval_rows, skipped, data_cfg.train
 
 
 def build_run_data(data_cfg: Any, tokenizer: Any, seed: int) -> RunData:
     """Everything the run needs from ``data_cfg`` (a DataSection), every row checked before any model loads.
     Raises BadRow (file, row, field) and DataFileError from the readers."""
-    fmt, train_rows, eval_rows, skipped, name = _rows(data_cfg, seed)
+    fmt, train_rows, eval_rows, skipped, name = _rows(data_cfg, seed, split=fmt_splits_rows(data_cfg))
     train, stats, labels = examples_from_rows(train_rows, fmt, tokenizer, data_cfg.max_length, file=name)
     evals = (examples_from_rows(eval_rows, fmt, tokenizer, data_cfg.max_length, file=data_cfg.eval or name,
                                 label_names=labels)[0] if eval_rows else [])
+    if not fmt_splits_rows(data_cfg) and data_cfg.eval is None:  # text: hold out chunks, not whole documents
+        train, evals = _split(train, data_cfg.eval_fraction, seed)
     packed = data_cfg.packing and fmt != "classification"
     rows = pack(train, data_cfg.max_length) if packed else list(train)
     prompts, answers = _short_answer_prompts(eval_rows) if fmt == "chat" else ([], [])
@@ -81,8 +91,8 @@ def build_run_data(data_cfg: Any, tokenizer: Any, seed: int) -> RunData:
                    tokenizer.pad_token_id)
 
 
-def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``fraction`` of the rows (a seeded shuffle picks which), keeping file order in both parts."""
+def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of the rows or examples (a seeded shuffle picks which), keeping order in both parts."""
     if fraction <= 0:
         return rows, []
     order = list(range(len(rows)))

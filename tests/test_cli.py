@@ -89,7 +89,8 @@ def test_train_config_that_cannot_be_read_is_named(tmp_path):
 
 
 def test_train_missing_config_file_is_named(tmp_path):
-    assert one_error_line(bad_input(["train", tmp_path / "no.yaml"])) == f"error: {tmp_path / 'no.yaml'}: no such config file"
+    missing = tmp_path / "no.yaml"
+    assert one_error_line(bad_input(["train", missing])) == f"error: {missing}: no such config file"
 
 
 @pytest.mark.parametrize("method", ["full", "freeze"])

@@ -25,7 +25,8 @@ ROWS = [
                   {"role": "assistant", "content": str(a + b)}]}
     for a in range(2, 4) for b in range(3, 7)
 ]
-GENERAL = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 6  # > 128 tokens: one block
+GENERAL = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 6
+# (> 128 tokens: one block for the forgetting check; a shorter data.general is refused)
 
 
 def run_args(tmp_path: Path, config: str, *extra: str) -> list[str]:
@@ -80,7 +81,8 @@ def test_qlora_config_trains_on_an_nf4_base_and_reloads_onto_a_freshly_quantized
 
 
 def test_dora_config_trains_dora_and_says_so(tmp_path):
-    result = runner.invoke(app, run_args(tmp_path, "configs/train/dora.yaml", "train.max_steps=2"))
+    result = runner.invoke(app, run_args(tmp_path, "configs/train/dora.yaml", "train.max_steps=1",
+                                           "train.batch_size=1"))
     assert result.exit_code == 0, result.output
     assert "with dora r=8 alpha=16" in result.output  # the summary before the run
     assert "slimtune dora adapter 'default': wrapped 210 modules" in result.output  # dora, not lora

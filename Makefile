@@ -1,6 +1,5 @@
 # One command each for a newcomer on a fresh machine:
 #   make train  - set everything up, then run the main job: `slimtune train` on the bundled model and data
-#   make demo   - the older Shakespeare LoRA demo (`slimtune demo`)
 #   make test   - set everything up, then run the test suite
 #   make bench  - benchmarks (slimtune vs Hugging Face PEFT / bitsandbytes, same run)
 PY ?= python3
@@ -8,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimtune-setup
 
-.PHONY: setup train demo test test-fast bench bench-data clean
+.PHONY: setup train test test-fast bench bench-data clean
 
 setup: $(STAMP)
 
@@ -25,9 +24,6 @@ $(STAMP): pyproject.toml Makefile
 
 train: setup  # a new output folder each time: a folder holding checkpoints is only continued with --resume
 	$(BIN)/slimtune train output_dir=runs/train-$$(date +%Y%m%d-%H%M%S)
-
-demo: setup
-	$(BIN)/slimtune demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -276,10 +276,10 @@ def train_method(method: str, load: Callable[[], Any], tokenizer, train: dict[st
 # -- evaluation ------------------------------------------------------------------------------------
 
 def lm_evaluator(held: torch.Tensor, batch: int):
-    from slimtune.demo import heldout_loss  # blocks of equal length: the per-block mean is the per-token mean
+    from slimtune.train.evaluate import text_loss  # per-token mean over the (n, T) blocks
 
     def evaluate(model) -> dict[str, float]:
-        return {"loss": heldout_loss(model, held, batch)}
+        return {"loss": text_loss(model, held, batch)}
     return evaluate
 
 

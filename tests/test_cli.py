@@ -1,6 +1,5 @@
 """The CLI is thin: check that commands are wired, validate input, and print what they promise."""
 
-import re
 import subprocess
 import sys
 
@@ -16,23 +15,19 @@ runner = CliRunner()
 def test_version_and_help():
     assert runner.invoke(app, ["version"]).output.strip() == __version__
     out = runner.invoke(app, ["--help"]).output
-    for command in ("demo", "inspect", "version"):
+    for command in ("train", "validate", "inspect", "version"):
         assert command in out
+    assert "demo" not in {c.name or c.callback.__name__ for c in app.registered_commands}  # issue 11: train replaced it
 
 
 def test_bad_option_is_named():
-    result = runner.invoke(app, ["demo", "--rank", "0"])
+    result = runner.invoke(app, ["inspect", "--rank", "0"])
     assert result.exit_code != 0 and "--rank" in result.output
 
 
 def test_help_does_not_import_torch():
     code = "import sys; from slimtune.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_qlora_with_a_method_that_trains_the_base_is_refused_before_loading():
-    result = runner.invoke(app, ["demo", "--qlora", "--config", "configs/full.yaml"])
-    assert result.exit_code == 2 and "--qlora" in result.output and "4-bit" in result.output
 
 
 @pytest.mark.slow
@@ -72,81 +67,56 @@ def one_error_line(output):
 
 
 @pytest.mark.parametrize("text, needles", [
-    ("method: lora\nr: [8\n", ("not valid YAML: line 3, column 1",)),
-    ("method: lora\nr: 0\n", ("lora.r=0: must be a positive integer",)),
-    ("method: dora\nr: 0\n", ("dora.r=0: must be a positive integer",)),
-    ("method: lora2\n", ("method='lora2': must be one of lora, dora, bottleneck, prompt, freeze, full",)),
-    ("method: qlora\n", ("method='qlora'", "method: lora", "--qlora")),
-    ("method: lora\nrank_pattern: 5\n", ("lora.rank_pattern=5: must be a mapping",)),
-    ("method: [lora]\n", ("method=['lora']: must be one of",)),
-    ("- lora\n- r: 8\n", ("must be a mapping of field names to values",)),
-    ("method: lora\n1: 2\nrank: 8\n", ("unknown field(s) [1, 'rank']",)),
+    ("adapter: {r: [8\n", ("not valid YAML: line 2, column 1",)),
+    ("adapter: {method: lora, r: 0}\n", ("adapter.r=0: must be a positive integer",)),
+    ("adapter: {method: dora, r: 0}\n", ("adapter.r=0: must be a positive integer",)),
+    ("adapter: {method: qlora}\n", ("adapter.method='qlora'", "4-bit base")),
+    ("adapter: {method: lora, rank: 8}\n", ("adapter.rank: unknown field",)),
+    ("- lora\n", ("must be a mapping of sections",)),
 ])
-def test_demo_bad_config_file_is_one_line_naming_file_and_field(tmp_path, text, needles):
+def test_train_bad_config_file_is_one_line_naming_file_and_field(tmp_path, text, needles):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    line = one_error_line(bad_input(["demo", "--config", bad], *needles))
-    assert str(bad) in line
+    line = one_error_line(bad_input(["train", bad, f"output_dir={tmp_path / 'run'}"], *needles))
+    assert line.startswith(f"error: {bad}: ")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
-def test_demo_config_that_cannot_be_read_is_named(tmp_path):
+def test_train_config_that_cannot_be_read_is_named(tmp_path):
     bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(b"method: lora  # caf\xe9\n")
-    one_error_line(bad_input(["demo", "--config", bad], str(bad), "cannot be read as UTF-8"))
+    bad.write_bytes(b"adapter: {method: lora}  # caf\xe9\n")
+    one_error_line(bad_input(["train", bad], str(bad), "cannot be read as UTF-8"))
 
 
-def test_demo_missing_config_file_names_the_flag():
-    bad_input(["demo", "--config", "no/such.yaml"], "--config", "does not exist")
+def test_train_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "no.yaml"
+    assert one_error_line(bad_input(["train", missing])) == f"error: {missing}: no such config file"
 
 
-def test_qlora_with_a_method_that_trains_the_base_is_refused_before_loading():
-    line = one_error_line(bad_input(["demo", "--qlora", "--config", "configs/full.yaml"]))
-    assert "--qlora with method full" in line and "4-bit" in line
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_nf4_with_a_method_that_trains_the_base_is_refused_before_loading(tmp_path, monkeypatch, method):
+    """What `slimtune demo --qlora --config configs/full.yaml` refused: now quantize: nf4 with freeze/full."""
+    import slimtune.train.run
+
+    monkeypatch.setattr(slimtune.train.run, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    config = tmp_path / "qlora-full.yaml"
+    config.write_text(f"quantize: nf4\nadapter: {{method: {method}}}\noutput_dir: {tmp_path / 'run'}\n")
+    line = one_error_line(bad_input(["train", config]))
+    assert f"quantize='nf4': cannot be used with adapter.method='{method}'" in line and "4 bits" in line
+    assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--rank", "16"), ("--alpha", "32")])
-def test_demo_rank_or_alpha_with_a_method_without_them_is_refused(flag, value):
-    line = one_error_line(bad_input(["demo", flag, value, "--config", "configs/bottleneck.yaml"]))
-    assert f"{flag}={float(value) if flag == '--alpha' else int(value)!r} with method bottleneck" in line
+def test_train_override_a_method_does_not_have_is_refused(tmp_path):
+    """--rank on a bottleneck config was refused by the demo; adapter.r=16 on one is refused by train."""
+    out = bad_input(["train", "configs/train/bottleneck.yaml", "adapter.r=16", f"output_dir={tmp_path / 'run'}"])
+    assert "error: configs/train/bottleneck.yaml: adapter.r: unknown field" in out
 
 
-def test_demo_bad_alpha_names_the_flag():
-    line = one_error_line(bad_input(["demo", "--alpha", "0"]))
-    assert "--alpha=0.0" in line and "lora.alpha=0.0: must be a positive number" in line
-
-
-def test_demo_out_that_is_a_file_is_refused(tmp_path):
+def test_train_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("")
-    line = one_error_line(bad_input(["demo", "--out", tmp_path / "f"]))
-    assert f"--out={str(tmp_path / 'f')!r}: is a file" in line
-
-
-class Stop(Exception):
-    pass
-
-
-@pytest.mark.parametrize("path, rank, alpha, want", [
-    ("configs/lora.yaml", "16", None, ("lora", 16, 16.0)),
-    ("configs/dora.yaml", "4", "8", ("dora", 4, 8.0)),
-    ("configs/lora.yaml", None, None, ("lora", 8, 16.0)),
-])
-def test_demo_rank_and_alpha_flags_win_over_a_lora_config(monkeypatch, path, rank, alpha, want):
-    """--rank/--alpha with a lora/dora config are honoured (the flag wins), not silently dropped."""
-    import slimtune.demo
-
-    seen = []
-
-    def capture(config, qlora):  # the config the demo would train, before any model loads
-        seen.append(config)
-        raise Stop
-
-    monkeypatch.setattr(slimtune.demo, "check_qlora", capture)
-    args = ["demo", "--config", path] + (["--rank", rank] if rank else []) + (["--alpha", alpha] if alpha else [])
-    result = runner.invoke(app, args)
-    assert isinstance(result.exception, Stop), result.output
-    cfg = seen[0]
-    assert (cfg.method, cfg.r, cfg.alpha) == want
-    assert cfg.target_modules == "all-linear" and cfg.dropout == 0.05  # the rest comes from the file
+    line = bad_input(["train", f"output_dir={tmp_path / 'f'}"]).splitlines()[-1]  # after the run's summary
+    assert line.startswith(f"error: output_dir={str(tmp_path / 'f')!r}: is a file")
+    assert (tmp_path / "f").read_text() == ""
 
 
 def tiny_llama():
@@ -176,18 +146,8 @@ def test_inspect_targets_matching_nothing_name_the_field(monkeypatch):
 
 def test_bad_config_exits_2_in_a_real_process_with_one_line_on_stderr(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: lora\nr: 0\n")
-    proc = subprocess.run([sys.executable, "-c", "from slimtune.cli import main; main()", "demo", "--config",
-                           str(bad)], capture_output=True, text=True)
+    bad.write_text("adapter: {method: lora, r: 0}\n")
+    proc = subprocess.run([sys.executable, "-c", "from slimtune.cli import main; main()", "train", str(bad)],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == f"error: {bad}: lora.r=0: must be a positive integer"
-
-
-@pytest.mark.slow
-def test_demo_runs_dora_from_a_config_file(tmp_path):
-    result = runner.invoke(app, ["demo", "--config", "configs/dora.yaml", "--steps", "2", "--quick", "--batch", "2",
-                                 "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "slimtune dora adapter 'default': wrapped 210 modules" in result.output
-    assert re.search(r"full fine-tune [\d,.]+ MB -> dora [\d,.]+ MB", result.output)  # dora, not lora
-    assert "reloaded onto a fresh base: max logit diff" in result.output
+    assert proc.stderr.strip() == f"error: {bad}: adapter.r=0: must be a positive integer"

@@ -1,37 +1,12 @@
-"""End to end on the real SmolLM2-135M (slow: tens of seconds on a 2-core CPU)."""
+"""The real SmolLM2-135M (slow: tens of seconds on a 2-core CPU). Training runs on it: tests/train/test_run*.py."""
 
 import pytest
 import torch
 
 import slimtune
 from slimtune.assets import load_smollm2
-from slimtune.demo import run_demo
 
 pytestmark = pytest.mark.slow
-
-
-def test_demo_trains_saves_and_reloads(tmp_path):
-    lines = []
-    result = run_demo(steps=8, batch=4, seq=64, lr=2e-3, out_dir=tmp_path, log=lines.append,
-                      train_plays=2, heldout_blocks=8, new_tokens=8)
-    assert result.heldout_after < result.heldout_before - 0.05, (result.heldout_before, result.heldout_after)
-    assert result.reload_max_diff < 1e-4
-    assert 1e6 < result.adapter_bytes < 20e6  # r=8 all-linear: ~9.9 MB in fp32
-    text = "\n".join(lines)
-    assert "trainable params: 2,442,240 / 136,957,248" in text and "held-out loss after" in text
-
-
-def test_qlora_demo_trains_on_a_4bit_base_saves_and_reloads(tmp_path):
-    lines = []
-    result = run_demo(steps=8, batch=4, seq=64, lr=2e-3, out_dir=tmp_path, log=lines.append,
-                      train_plays=2, heldout_blocks=8, new_tokens=8, qlora=True)
-    text = "\n".join(lines)
-    assert "4.127 bits/param" in text and "in NF4" in text
-    assert result.heldout_after < result.heldout_before - 0.05, (result.heldout_before, result.heldout_after)
-    assert result.reload_max_diff < 1e-4  # onto a freshly quantized base
-    assert 1e6 < result.adapter_bytes < 20e6
-    with pytest.raises(ValueError, match="4-bit"):
-        run_demo(steps=1, config=slimtune.FullConfig(), qlora=True, out_dir=tmp_path)
 
 
 def test_peft_loads_a_slimtune_adapter_of_the_real_model_with_equal_logits(tmp_path):

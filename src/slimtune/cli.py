@@ -18,35 +18,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune large models on small hardware: LoRA, QLoRA and friends.")
 
 
-@app.command()
-@exit_2_on_bad_input
-def demo(
-    steps: int = typer.Option(30, min=1, help="training steps (a few seconds each on a 2-core CPU)"),
-    config: Path = typer.Option(None, exists=True, dir_okay=False,
-                                help="a method config (YAML): lora, dora, bottleneck, prompt, freeze or full; "
-                                     "see configs/. Default: LoRA r=--rank on all linear layers"),
-    rank: int = typer.Option(None, min=1, help="LoRA rank r (default 8): higher = more capacity, more memory; "
-                                               "with a lora/dora --config it replaces the file's r"),
-    alpha: float = typer.Option(None, help="LoRA alpha (default 16); the update is scaled by alpha / r; "
-                                           "with a lora/dora --config it replaces the file's alpha"),
-    lr: float = typer.Option(1e-3, min=0.0, help="AdamW learning rate"),
-    batch: int = typer.Option(8, min=1), seq: int = typer.Option(64, min=8),
-    quick: bool = typer.Option(False, help="2 training plays, a small held-out set, short generations"),
-    qlora: bool = typer.Option(False, "--qlora", help="QLoRA: load the base in NF4 (4.127 bits per weight) and "
-                                                      "train the adapter on top (not with freeze/full)"),
-    out: Path = typer.Option(Path("runs/demo"), help="where the adapter folder is written"),
-) -> None:
-    """Fine-tune the real SmolLM2-135M on Shakespeare: report, loss, generations, adapter file."""
-    from slimtune.config import load_config
-
-    cfg = load_config(config) if config else None  # a bad file fails here, before torch is imported
-    from slimtune.demo import run_demo
-
-    sizes = dict(train_plays=2, heldout_blocks=8, new_tokens=8) if quick else {}
-    run_demo(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, out_dir=out, config=cfg,
-             qlora=qlora, **sizes)
-
-
 def target_spec(targets: str) -> str | tuple[str, ...]:
     """``--targets``: ``all-linear``, a regex (no comma, a regex character), or comma-separated names."""
     if targets == "all-linear" or "," not in targets and any(c in targets for c in "*[(|\\"):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import typer
 
-# ValueError covers ConfigError, MethodNameError, the estimator's and the demo's option errors.
+# ValueError covers ConfigError, MethodNameError, the estimator's option errors.
 BAD_INPUT = (ValueError, FileNotFoundError)
 EXIT_BAD_INPUT = 2  # what click uses for usage errors (a bad --flag value), so both kinds agree
 

@@ -385,7 +385,7 @@ def config_method(name: Any) -> str:
     """
     if isinstance(name, str) and name.strip().lower() == "qlora":
         raise ConfigError("method='qlora': QLoRA is lora (or dora, bottleneck, prompt) on a 4-bit base; write "
-                          "method: lora and quantize the base (slimtune demo --qlora, slimtune.load_quantized)")
+                          "method: lora and quantize the base (quantize: nf4 in a slimtune train config, slimtune.load_quantized)")
     try:
         return canonical_method(name, tuple(CONFIG_TYPES))
     except MethodNameError as exc:

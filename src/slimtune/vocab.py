@@ -4,7 +4,7 @@
 
 ``qlora`` is LoRA on a 4-bit (NF4) base: the estimator and the planner take it as a method; a training
 config says ``method: lora`` (or ``dora``, ``bottleneck``, ``prompt``) and the base is quantized with
-``slimtune demo --qlora`` / ``slimtune.load_quantized``. Older spellings are accepted and normalised
+``quantize: nf4`` in a ``slimtune train`` config / ``slimtune.load_quantized``. Older spellings are accepted and normalised
 (``adapter`` -> ``bottleneck``, ``prompt-tuning`` -> ``prompt``). No torch here: the estimator uses it.
 """
 

@@ -77,6 +77,7 @@ def exact_match(answers: Sequence[str], targets: Sequence[str], normalise: Calla
 
 
 def text_loss(model: nn.Module, blocks: Tensor, batch: int = 8) -> float:
-    """Mean causal-LM loss over fixed-length token ``blocks`` (n, T): the forgetting check on general text."""
+    """Mean causal-LM loss per predicted token over fixed-length token ``blocks`` (n, T), ``batch`` blocks per
+    forward: the forgetting check on general text, and the held-out loss of ``benchmarks/methods_compare.py``."""
     batches = [{"input_ids": blocks[i:i + batch], "labels": blocks[i:i + batch]} for i in range(0, len(blocks), batch)]
     return eval_loss(model, batches)

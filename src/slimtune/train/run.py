@@ -139,6 +139,9 @@ def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
 def _check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise RunError("train.precision='fp16': needs a CUDA GPU (fp16 with a loss scaler); on CPU use bf16 or fp32")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"output_dir={str(run_dir)!r}: is a file; a run writes a folder (adapter/, checkpoints/, "
+                       "metrics.jsonl) there: choose another output_dir")
     if not resume and latest_checkpoint(run_dir) is not None:
         raise RunError(f"output_dir={str(run_dir)!r} holds checkpoints of an earlier run: pass --resume to continue "
                        "it, or choose another output_dir")

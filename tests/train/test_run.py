@@ -110,3 +110,12 @@ def test_freeze_writes_a_plain_model_folder_that_transformers_loads(tmp_path):
     last = len(base.model.layers) - 1
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))}
     assert changed and all(f"layers.{last}." in n for n in changed), sorted(changed)[:5]
+
+
+def test_general_text_too_short_is_a_named_error_before_training(tmp_path):
+    data = _chat_file(tmp_path / "chat.jsonl", CHAT)
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to score.")
+    result = runner.invoke(app, _args(tmp_path, data, f"data.general={short}"))
+    assert result.exit_code == 2 and "data.general=" in result.output and "128 tokens" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

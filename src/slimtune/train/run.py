@@ -211,7 +211,11 @@ def _general_blocks(tokenizer: Any, cfg: RunConfig) -> torch.Tensor:
 
     text = (Path(cfg.data.general).read_text(encoding="utf-8", errors="replace") if cfg.data.general
             else shakespeare_text("romeo"))
-    return token_blocks(tokenizer, text, GENERAL_LEN, max_blocks=GENERAL_BLOCKS)
+    try:
+        return token_blocks(tokenizer, text, GENERAL_LEN, max_blocks=GENERAL_BLOCKS)
+    except ValueError as e:  # before any training: the run stops here, naming the field
+        raise RunError(f"data.general={cfg.data.general!r}: {e} (the forgetting check needs at least "
+                       f"{GENERAL_LEN} tokens of text)") from None
 
 
 def _write_summary(run_dir: Path, result: RunResult) -> None:

@@ -83,6 +83,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     task = "classification" if cfg.data.format == "classification" else "causal"
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_run_data(cfg.data, tokenizer, cfg.train.seed)  # every bad row is found before the model loads
+    general = _general_blocks(tokenizer, cfg) if task == "causal" else None  # the forgetting check's text
     num_labels = len(data.label_names or ()) if task == "classification" else None
     model = load_model(cfg.model.name, cfg.model.dtype, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = False  # training: a KV cache would also switch off the packed block-diagonal mask
@@ -90,7 +91,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
         f"{len(data.train_rows)} training rows{' packed' if data.packed else ''}, {len(data.eval_examples)} eval")
     if cfg.quantize == "nf4":
         log(str(slimtune.quantize_model(model, compute_dtype=DTYPES[cfg.model.dtype])))
-    before, answers_before = _scores(model, tokenizer, data, cfg)
+    before, answers_before = _scores(model, tokenizer, data, cfg, general)
     log(str(slimtune.prepare(model, cfg.adapter, ADAPTER, tokenizer=tokenizer)))
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
@@ -108,7 +109,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
                 if data.eval_examples and task == "causal" else None)
     train_loop(model, optimizer, scheduler, sampler, data.batch, loop_cfg, run_dir, ADAPTER, start_step=start,
                evaluate=evaluate, echo=log)  # plain progress lines when stdout is not a terminal
-    after, answers_after = _scores(model, tokenizer, data, cfg)
+    after, answers_after = _scores(model, tokenizer, data, cfg, general)
     adapter_dir = _save_result(model, tokenizer, cfg, run_dir)
     samples = [{"prompt": c[-1]["content"], "expected": t, "before": b, "after": a}
                for c, t, b, a in zip(data.conversations, data.answers, answers_before, answers_after)][:SAMPLES]
@@ -183,7 +184,8 @@ def _resume(run_dir: Path, model, optimizer, scheduler, sampler, log) -> int:
     return int(state["step"])
 
 
-def _scores(model: nn.Module, tokenizer: Any, data: RunData, cfg: RunConfig) -> tuple[dict[str, float], list[str]]:
+def _scores(model: nn.Module, tokenizer: Any, data: RunData, cfg: RunConfig,
+            general: torch.Tensor | None) -> tuple[dict[str, float], list[str]]:
     """Held-out scores (eval loss or accuracy, exact match of short chat answers, loss on general text) and the
     greedy answers behind the exact match."""
     out: dict[str, float] = {}
@@ -197,7 +199,8 @@ def _scores(model: nn.Module, tokenizer: Any, data: RunData, cfg: RunConfig) -> 
     answers = ev.generate_answers(model, tokenizer, data.conversations) if data.conversations else []
     if answers:
         out["eval_exact_match"] = ev.exact_match(answers, data.answers)
-    out["general_text_loss"] = ev.text_loss(model, _general_blocks(tokenizer, cfg))
+    if general is not None:
+        out["general_text_loss"] = ev.text_loss(model, general)
     return out, answers
 
 

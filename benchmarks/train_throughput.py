@@ -3,22 +3,25 @@
 The same work for every configuration: the bundled SmolLM2-135M-Instruct in fp32 on CPU, LoRA r=8 alpha=16 on
 every linear layer (dropout 0.05), AdamW lr 1e-3 (constant, no weight decay, clipping at 1.0), batch 4, the same
 seed and thread count, `--warmup` untimed steps then `--steps` timed ones. The data are the bundled BBC News chat
-rows (`slimtune train`'s default task: an article cut to 90 words -> its topic in one word), encoded once by
-slimtune's chat encoder at max_length 512 (151-237 tokens each, so every example is shorter than a row), and
-handed to every configuration as the same token ids and labels (-100 on the prompt), so only the training
-machinery differs:
+rows (`slimtune train`'s default task: an article -> its topic in one word) with the articles cut in turn to
+15/30/60/120/240 words (`--words`), so lengths vary as in real chat data (71-461 tokens, median 135, every one
+shorter than max_length 512): the case packing is for. `--words 90` is the default task's uniform cut (151-237
+tokens), where a padded batch wastes little and greedy packing saves nothing. The rows are encoded once by
+slimtune's chat encoder and handed to every configuration as the same token ids and labels (-100 on the prompt),
+so only the training machinery differs:
 
   slimtune, packing   `slimtune.train.loop.train_loop` with the run's data pipeline (`pack` + `collate`,
                       `EpochSampler`): `slimtune train`'s default data handling (several examples per row)
   slimtune, padding   the same loop, `packing: false`: one example per row, padded to the batch's longest
   Trainer + PEFT      `transformers.Trainer` + `peft.get_peft_model`, `DataCollatorForSeq2Seq` (pads): the
                       peer's default data handling, on exactly the batches of "slimtune, padding"
-  Trainer + PEFT, packed rows   the same Trainer on slimtune's packed rows (`--packed-peer`): same work as row 1
+  Trainer + PEFT, packed rows   the same Trainer on slimtune's packed rows and collate: same work as row 1
   TRL SFTTrainer      `trl.SFTTrainer` (its default: padding, no packing) with `peft_config`, the same batches,
                       in its own venv (benchmarks/.venv-trl, made here; "not installed (why)" when that fails)
 
 Checkpoints, evaluation and logging are off in all (slimtune: save_every/eval_every None, its only end-of-run
-checkpoint falls after the timed window; Trainer: save_strategy "no", report_to [], logging_steps huge,
+checkpoint falls after the timed window, and its one metrics.jsonl line per step is what times the
+steps; Trainer: save_strategy "no", report_to [], logging_steps huge,
 disable_tqdm). Each configuration runs in its own fresh process (peak RSS = that process's VmHWM), in
 alternating order over `--rounds` rounds; figures are medians over rounds.
 
@@ -64,13 +67,14 @@ def prepare_work(args: argparse.Namespace, path: Path) -> dict:
     from slimtune.train.sampler import EpochSampler
 
     tok = load_tokenizer("smollm2-135m")
-    rows = bbc_topic_rows("train", seed=SEED)[:POOL]
+    cuts = [bbc_topic_rows("train", seed=SEED, words=w)[:POOL] for w in args.words]
+    rows = [cuts[i % len(cuts)][i] for i in range(POOL)]  # row i: an article cut to words[i % len(words)] words
     examples, _, _ = examples_from_rows(rows, "chat", tok, args.max_length, file="<bundled BBC News topics>")
     sampler = EpochSampler(len(examples), args.batch, SEED)
     order = [sampler.next_batch() for _ in range(args.warmup + args.steps)]
     rows = pack(examples, args.max_length)
     fill = sum(len(e.input_ids) for e in examples) / (len(rows) * args.max_length)
-    work = {"model": str(smollm2_path()), "pad_id": tok.pad_token_id, "batch": args.batch,
+    work = {"model": str(smollm2_path()), "pad_id": tok.pad_token_id, "batch": args.batch, "words": args.words,
             "per_row": len(examples) / len(rows), "fill": fill,
             "max_length": args.max_length, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
             "examples": [[e.input_ids, e.labels] for e in examples], "order": order}
@@ -145,6 +149,7 @@ def trainer_args(work: dict, out: str, cls=None, **extra):
 
 
 def stamp_callback(stamps: list[float]):
+    """A TrainerCallback appending the time at each optimizer step's end to ``stamps``."""
     from transformers import TrainerCallback
 
     class Stamps(TrainerCallback):
@@ -160,13 +165,14 @@ def counting(collator, lengths: list[list[int]]):
         batch = collator(features)
         if "attention_mask" in batch:
             lengths.append(batch["attention_mask"].sum(dim=1).tolist())
-        else:  # slimtune's packed rows: real tokens are those whose label row is not the trailing pad block
+        else:  # slimtune's packed rows (no attention mask): the lengths of the examples packed in each row
             lengths.append([sum(len(ids) for ids in f["parts"]) for f in features])
         return batch
     return collate
 
 
 def peft_model(work: dict):
+    """The base model wrapped by ``peft.get_peft_model`` (the plain Trainer + PEFT script's model)."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM
@@ -230,10 +236,9 @@ def trainer_worker(work: dict, packed: bool) -> dict:
 def trl_worker(work: dict) -> dict:
     """TRL's SFTTrainer (default data handling: padding) with PEFT on the same pre-tokenized batches."""
     import datasets
+    import torch
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import torch
 
     tok = AutoTokenizer.from_pretrained(work["model"])
     tok.pad_token_id = work["pad_id"]
@@ -256,7 +261,9 @@ def trl_worker(work: dict) -> dict:
 
 
 def worker(name: str, work_path: Path) -> None:
+    """One configuration in this fresh process; prints its figures and peak RSS as one JSON line."""
     import importlib
+    import importlib.util
 
     import torch
     from _common import own_peak_rss
@@ -355,11 +362,12 @@ def report(stats: dict[str, dict], work: dict, rounds: int, trl_note: str) -> st
         "# Training throughput: `slimtune train` vs transformers Trainer + PEFT (and TRL SFTTrainer)", "",
         f"SmolLM2-135M-Instruct fp32 on CPU, LoRA r={RANK} alpha={ALPHA} all-linear dropout {DROPOUT}, AdamW lr "
         f"{LR:g} constant, clip {MAX_GRAD_NORM}, batch {work['batch']}, max_length {work['max_length']}, "
-        f"{work['threads']} threads, seed {SEED}. Data: the first {len(work['examples'])} bundled BBC News chat "
-        f"rows (`slimtune train`'s default task), encoded once by slimtune ("
+        f"{work['threads']} threads, seed {SEED}. Data: {len(work['examples'])} bundled BBC News chat rows "
+        f"(`slimtune train`'s default task: article -> topic), the articles cut in turn to "
+        f"{'/'.join(map(str, work['words']))} words, encoded once by slimtune ("
         f"{min(len(e[0]) for e in work['examples'])}-{max(len(e[0]) for e in work['examples'])} tokens each), "
         "the same token ids and labels for every configuration; the padded ones train exactly the same batches. "
-        f"{work['warmup']} warm-up steps, then {work['steps']} timed steps; each configuration in its own fresh "
+        f"{work['warmup']} warm-up step(s), then {work['steps']} timed steps; each configuration in its own fresh "
         f"process, {rounds} round(s) in alternating order, medians. Real tokens = the examples' tokens (no "
         "padding); padded tokens = positions fed to the model over the timed steps; padding waste = pad / padded.",
         "", f"Machine: {machine('transformers', 'peft')}.", "",
@@ -396,9 +404,8 @@ def notes(stats: dict[str, dict], work: dict) -> list[str]:
     if packed and own:
         waste = [1 - x["real"] / x["padded"] for x in (packed, own)]
         verdict = ("saves padding" if waste[0] < waste[1] else
-                   "buys no padding saving here: these examples are of similar length, so a padded batch of "
-                   "single examples wastes little; packing pays when lengths vary widely, and a best-fit packer "
-                   "would fill rows better (docs/design/train.md)")
+                   "buys no padding saving here: with examples of similar length a padded batch of single "
+                   "examples wastes little; a best-fit packer would fill rows better (docs/design/train.md)")
         out.append(f"  Padding waste {waste[0]:.1%} packed vs {waste[1]:.1%} padded: packing {verdict}.")
     if peer and own:
         out.append("- 'step s' is per optimizer step; packed rows carry about "
@@ -415,6 +422,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--words", type=lambda v: [int(w) for w in v.split(",")], default=[15, 30, 60, 120, 240],
+                    help="article cuts in words, used in turn (varied lengths: where packing matters); "
+                         "90 = slimtune train's default task (151-237 tokens, similar lengths)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--configs", default="slimtune-packed,slimtune-padded,trainer-padded,trainer-packed,trl-padded")
     ap.add_argument("--no-trl-install", action="store_true", help="use benchmarks/.venv-trl only if it exists")

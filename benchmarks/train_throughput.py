@@ -29,7 +29,7 @@ Real tokens = tokens of the examples (no padding); padded tokens = the rows' pos
 (batch x longest row, summed over the timed steps); padding waste = (padded - real) / padded. Tokens/s counts
 real tokens over the timed steps' wall time. Results: benchmarks/results/train_throughput.md.
 
-    python benchmarks/train_throughput.py [--rounds 3] [--steps 4] [--warmup 1] [--quick]
+    python benchmarks/train_throughput.py [--rounds 3] [--budget-s 840] [--steps 4] [--warmup 1] [--quick]
 """
 
 from __future__ import annotations
@@ -331,15 +331,24 @@ def check_same_work(name: str, got: dict, work: dict) -> None:
                            f"expected {want}: not the same batches")
 
 
-def measure(names: list[str], pythons: dict[str, str], work: dict, work_path: Path, rounds: int) -> dict:
+def measure(names: list[str], pythons: dict[str, str], work: dict, work_path: Path, rounds: int,
+            budget_s: float) -> dict:
+    """Up to ``rounds`` rounds, alternating the order; a new round starts only if it should end within
+    ``budget_s`` of the start (judged by the longest round so far)."""
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    start, longest = time.monotonic(), 0.0
     for r in range(rounds):
+        if r and time.monotonic() - start + longest > budget_s:
+            print(f"stopping after {r} round(s): another would pass --budget-s {budget_s:.0f}", flush=True)
+            break
+        t0 = time.monotonic()
         for name in (names if r % 2 == 0 else names[::-1]):
             got = run_config(name, pythons[name], work_path)
             check_same_work(name, got, work)
             runs[name].append(got)
             print(f"round {r + 1} {name}: {got['real'] / got['seconds']:.0f} real tokens/s, "
                   f"peak RSS {got['peak_rss'] / 1e6:.0f} MB, process {got['wall']:.0f} s", flush=True)
+        longest = max(longest, time.monotonic() - t0)
     return runs
 
 
@@ -418,6 +427,7 @@ def notes(stats: dict[str, dict], work: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=840.0, help="no new round past this (seconds)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
@@ -450,12 +460,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work_path = Path(tmp) / "work.json"
         work = prepare_work(args, work_path)
-        runs = measure(names, pythons, work, work_path, args.rounds)
+        runs = measure(names, pythons, work, work_path, args.rounds, args.budget_s)
     stats = {n: summarize(runs[n], args.steps) for n in names}
     if "trl-padded" in stats:
         v = stats["trl-padded"]["versions"]
         trl_note = f"trl {v.get('trl')} with transformers {v.get('transformers')}, peft {v.get('peft')} in benchmarks/.venv-trl"
-    text = report(stats, work, args.rounds, trl_note)
+    text = report(stats, work, len(next(iter(runs.values()))), trl_note)
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         tmp_file = RESULTS.with_suffix(".md.tmp")

@@ -438,6 +438,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--configs", default="slimtune-packed,slimtune-padded,trainer-padded,trainer-packed,trl-padded")
     ap.add_argument("--no-trl-install", action="store_true", help="use benchmarks/.venv-trl only if it exists")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the results file (markdown)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 warm-up, 1 round, no results file")
     ap.add_argument("--worker", choices=tuple(CONFIGS))
     ap.add_argument("--work", type=Path)
@@ -467,10 +468,10 @@ def main() -> None:
         trl_note = f"trl {v.get('trl')} with transformers {v.get('transformers')}, peft {v.get('peft')} in benchmarks/.venv-trl"
     text = report(stats, work, len(next(iter(runs.values()))), trl_note)
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = RESULTS.with_suffix(".md.tmp")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = args.out.with_suffix(".md.tmp")
         tmp_file.write_text(text)
-        os.replace(tmp_file, RESULTS)
+        os.replace(tmp_file, args.out)
     print(text)
 
 

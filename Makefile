@@ -46,6 +46,7 @@ bench: setup bench-data
 	$(BIN)/python benchmarks/methods_dora_step.py
 	$(BIN)/python benchmarks/methods_bottleneck_latency.py
 	$(BIN)/python benchmarks/methods_compare.py
+	$(BIN)/python benchmarks/train_throughput.py   # ~14 min; makes benchmarks/.venv-trl on first use
 
 clean:
 	rm -rf $(VENV) runs

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 import slimtune
+from slimtune.quant.export import save_pretrained_atomic
 from slimtune.train import evaluate as ev
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
 from slimtune.train.config import RunConfig, save_run_config
@@ -124,17 +123,9 @@ def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
     if cfg.adapter.method not in ("freeze", "full"):
         return slimtune.save_adapter(model, run_dir / "adapter", ADAPTER, base_model_name_or_path=cfg.model.name)
     target = run_dir / "model"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".model-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    if target.exists():  # written by an earlier end of this run (a resumed run ends again): replaced
+        shutil.rmtree(target)
+    return save_pretrained_atomic(model, target, tokenizer)
 
 
 def _check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:

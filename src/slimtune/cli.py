@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from slimtune.cli_errors import exit_2_on_bad_input, run_or_exit_2
+from slimtune.inspect.commands import register as register_inspect_commands
 from slimtune.memory.commands import register as register_memory_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -27,19 +28,19 @@ def target_spec(targets: str) -> str | tuple[str, ...]:
 
 @app.command()
 @exit_2_on_bad_input
-def inspect(
+def targets(
+    model: str = typer.Argument("smollm2-135m", help="the bundled smollm2-135m or a Hugging Face model folder"),
     targets: str = typer.Option("all-linear", help="comma-separated module names, a regex, or all-linear"),
     rank: int = typer.Option(8, min=1), alpha: float = typer.Option(16.0),
 ) -> None:
-    """Show what LoRA would wrap in SmolLM2-135M and how many parameters would train."""
+    """Show what LoRA would wrap in a model (default SmolLM2-135M) and how many parameters would train."""
     from slimtune.config import LoraConfig
 
     cfg = LoraConfig(r=rank, alpha=alpha, target_modules=target_spec(targets))  # checked before the model loads
     import slimtune
-    from slimtune.assets import load_smollm2
+    from slimtune.train.model import load_model
 
-    model, _ = load_smollm2()
-    typer.echo(str(slimtune.inject(model, cfg)))
+    typer.echo(str(slimtune.inject(load_model(model, "float32"), cfg)))
 
 
 @app.command()
@@ -86,6 +87,7 @@ def version() -> None:
 
 
 register_memory_commands(app)  # estimate, plan
+register_inspect_commands(app)  # inspect, compress, extract, report
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -94,8 +94,9 @@ def weight_histogram(weights: dict[str, Any], title: str = "Adapter weight magni
     for (kind, a), color in zip(arrays.items(), ("tab:blue", "tab:orange", "tab:green")):
         zeros = int((a == 0).sum())
         label = f"lora_{kind} ({a.size:,} values" + (f", {zeros:,} exactly 0)" if zeros else ")")
-        ax.hist(np.clip(a[a > 0], lo, None), bins=bins, histtype="stepfilled", alpha=0.45, color=color, label=label)
-        ax.hist(np.clip(a[a > 0], lo, None), bins=bins, histtype="step", color=color)
+        counts, _ = np.histogram(np.clip(a[a > 0], lo, None), bins=bins)
+        ax.stairs(counts, bins, fill=True, alpha=0.4, color=color, label=label)
+        ax.stairs(counts, bins, color=color, lw=1.2)
     ax.set_xscale("log")
     ax.set_xlabel("|weight|")
     ax.set_ylabel("count")

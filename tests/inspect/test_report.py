@@ -39,8 +39,8 @@ def test_peft_adapter_report(tmp_path):
 def test_run_folder_adds_loss_curves(tmp_path):
     run = tmp_path / "run"
     slimtune_adapter(run / "adapter")
-    lines = [json.dumps({"step": s, "loss": 3.0 / s}) for s in range(1, 6)] + [json.dumps({"step": 5, "eval_loss": 1.0}),
-                                                                               '{"step": 6, "lo']  # killed mid-write
+    lines = [json.dumps({"step": s, "loss": 3.0 / s}) for s in range(1, 6)]
+    lines += [json.dumps({"step": 5, "eval_loss": 1.0}), '{"step": 6, "lo']  # the last: killed mid-write
     (run / "metrics.jsonl").write_text("\n".join(lines))
     page = build_report(run, tmp_path / "r.html").read_text()
     assert len(images(page)) == 4 and "<h2>Training</h2>" in page and self_contained(page)

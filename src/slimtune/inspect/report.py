@@ -17,7 +17,9 @@ from typing import Any
 from slimtune.files import CONFIG_NAME, read_folder
 from slimtune.files.write import atomic_write
 from slimtune.inspect import plots
-from slimtune.inspect.adapter import TABLE_COLUMNS, AdapterStats, all_weights, inspect_adapter, summary_lines, table_rows
+from slimtune.inspect.adapter import (
+    TABLE_COLUMNS, AdapterStats, all_weights, inspect_adapter, summary_lines, table_rows,
+)
 from slimtune.inspect.folders import OutputExistsError
 from slimtune.version import __version__
 

@@ -150,3 +150,36 @@ def test_write_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         compress_adapter(slimtune_adapter(tmp_path / "a"), tmp_path / "c", rank=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_conv_and_embedding_factors_keep_their_shapes_through_peft(tmp_path):
+    """Conv LoRA (A: (r, c_in, k, k), B: (c_out, r, 1, 1)) and embedding LoRA flatten for the SVD and are
+    written back in PEFT's shapes: PEFT reloads them, and a rank-1 truncation of a rank-1 update is exact."""
+    import peft
+
+    from tests.conftest import conv_toy
+
+    def make(model_fn, targets, folder):
+        model = peft.get_peft_model(model_fn(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name or "lora_embedding_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                elif "lora_B" in name or "lora_embedding_B" in name:  # rank 1: every column a multiple of one
+                    col = torch.randn(p.shape[0], 1, *p.shape[2:], generator=g)
+                    p.copy_(col * torch.randn(1, p.shape[1], *([1] * (p.dim() - 2)), generator=g) * 0.1)
+        model.save_pretrained(folder)
+        return model.eval()
+
+    cases = [(conv_toy, ["conv1", "seq"], torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))),
+             (tiny_llama, ["embed_tokens", "q_proj"], tokens())]
+    for i, (model_fn, targets, x) in enumerate(cases):
+        src = make(model_fn, targets, tmp_path / f"src{i}")
+        result = compress_adapter(tmp_path / f"src{i}", tmp_path / f"c{i}", rank=1)
+        assert {m.r_after for m in result.modules} == {1}
+        reloaded = peft.PeftModel.from_pretrained(model_fn(), tmp_path / f"c{i}").eval()
+        with torch.no_grad():
+            ref, got = src(x), reloaded(x)
+        ref, got = getattr(ref, "logits", ref), getattr(got, "logits", got)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

@@ -20,6 +20,9 @@ from typing import Any, Iterable, Mapping
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PEFT_PREFIX = "base_model.model."
+# transformers 5 flattened CLIPTextModel (no ``text_model`` module any more); LoRA files, diffusers' loaders and
+# kohya's scripts still name its layers ``text_model.encoder.layers...``: written so, and read either way
+TEXT_MODEL = "text_model."
 
 # the pipeline attribute a model class sits under in Stable Diffusion 1.x/2.x and SDXL pipelines
 COMPONENT_OF_CLASS = {
@@ -61,11 +64,18 @@ def component_of(class_name: str, component: str | None = None) -> str:
     return COMPONENT_OF_CLASS[class_name]
 
 
-def to_diffusers_key(peft_key: str, component: str) -> str:
-    """``base_model.model.<path>.lora_A.weight`` -> ``<component>.<path>.lora_A.weight``."""
+def to_diffusers_key(peft_key: str, component: str, add_text_model: bool = False) -> str:
+    """``base_model.model.<path>.lora_A.weight`` -> ``<component>.<path>.lora_A.weight`` (``<component>.text_model.
+    <path>...`` with ``add_text_model``, for a flattened CLIP text encoder)."""
     if not peft_key.startswith(PEFT_PREFIX):
         raise ValueError(f"{peft_key!r} is not a PEFT LoRA key (no {PEFT_PREFIX!r})")
-    return f"{component}.{peft_key[len(PEFT_PREFIX):]}"
+    return f"{component}.{TEXT_MODEL if add_text_model else ''}{peft_key[len(PEFT_PREFIX):]}"
+
+
+def without_text_model(peft_key: str) -> str:
+    """``base_model.model.text_model.<path>`` -> ``base_model.model.<path>`` (for a flattened CLIP text encoder)."""
+    root = PEFT_PREFIX + TEXT_MODEL
+    return PEFT_PREFIX + peft_key[len(root):] if peft_key.startswith(root) else peft_key
 
 
 def key_format(key: str) -> str | None:

@@ -21,7 +21,8 @@ from slimtune import fingerprint
 from slimtune.config import ConfigError, LoraConfig, config_from_dict
 from slimtune.files import kohya_keys
 from slimtune.files.diffusers_keys import (DIFFUSERS_WEIGHTS_NAME, METADATA_KEY, PEFT_PREFIX, KeyFormatError,
-                                           component_of, file_format, split_components, unpack_metadata)
+                                           component_of, file_format, split_components, unpack_metadata,
+                                           without_text_model)
 from slimtune.files.peft_schema import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, lora_config_from_peft
 from slimtune.files.read import AdapterFolder, check_manifest, meta_json, read_folder, read_weights
 from slimtune.injection import candidate_modules
@@ -67,7 +68,9 @@ def _read_diffusers(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]
                     component: str | None) -> AdapterFolder:
     parts = split_components(tensors)
     comp = None if None in parts else _pick(sorted(parts), model, component, path)
-    peft_tensors = {peft_key: tensors[key] for key, peft_key in parts[comp].items()}
+    flat_clip = not hasattr(model, "text_model")  # a transformers-5 CLIPTextModel (or a UNet: no such keys)
+    peft_tensors = {without_text_model(peft_key) if flat_clip else peft_key: tensors[key]
+                    for key, peft_key in parts[comp].items()}
     if "slimtune_manifest" in meta:
         check_manifest(meta, tensors, path)
     own = _slimtune_entry(meta, comp, path)
@@ -110,14 +113,16 @@ def _read_kohya(path: Path, tensors: dict[str, Tensor], model: nn.Module, compon
     parsed = [kohya_keys.parse(k) for k in tensors]
     comp = _pick(sorted({p.component for p in parsed}), model, component, path)
     roles: dict[str, dict[str, Tensor]] = {}
+    stems = {}  # flat -> the key stem as the file spells it, for messages
     for p in parsed:
         if p.component == comp:
             roles.setdefault(p.flat, {})[p.role] = tensors[p.key]
+            stems[p.flat] = p.key.partition(".")[0]
     with_alpha = [flat for flat, r in roles.items() if "alpha" in r]
     names = kohya_keys.resolve(roles, [n for n, _ in candidate_modules(model)], comp)
     out, ranks, alphas = {}, {}, {}
     for flat, r in roles.items():
-        stem = kohya_keys.kohya_name(names[flat], comp)
+        stem = stems[flat]
         lacking = [role for role in ("A", "B") + (("alpha",) if with_alpha else ()) if role not in r]
         if lacking:
             suffix = {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"}[lacking[0]]

@@ -21,6 +21,7 @@ from slimtune.files.diffusers_keys import KeyFormatError
 
 COMPONENT_OF_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                        "lora_te2_": "text_encoder_2"}
+TEXT_MODEL_FLAT = "text_model_"  # kohya's text encoder names start text_model_, as CLIP's did before transformers 5
 ROLE_OF_SUFFIX = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
 
 
@@ -70,10 +71,11 @@ def resolve(flat_names: Iterable[str], module_names: Iterable[str], component: s
         table[flat] = name
     out = {}
     for flat in flat_names:
-        if flat not in table:
+        found = flat if flat in table else flat.removeprefix(TEXT_MODEL_FLAT)  # a flattened CLIP (transformers 5)
+        if found not in table:
             near = difflib.get_close_matches(flat, list(table), n=2, cutoff=0.6)
             hint = f"; closest: {', '.join(near)}" if near else ""
             raise KeyFormatError(f"kohya module {kohya_name(flat, component)!r} names no adaptable module of the "
                                  f"{component} (is the file for another model?){hint}")
-        out[flat] = table[flat]
+        out[flat] = table[found]
     return out

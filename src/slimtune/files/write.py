@@ -86,7 +86,9 @@ def save_diffusers(path: str | os.PathLike, components: Mapping[str, nn.Module],
                              f"{adapter_name!r} is {cfg.method} with bias={getattr(cfg, 'bias', None)!r}, "
                              f"modules_to_save={list(getattr(cfg, 'modules_to_save', ()))}: save it with format='peft'")
         own[comp] = {"config": cfg.to_dict(), "fingerprint": model_fingerprint(model, adapter_name).to_json()}
-        tensors.update({to_diffusers_key(k, comp): v.cpu() for k, v in adapter_tensors(model, adapter_name).items()})
+        flat_clip = comp.startswith("text_encoder") and not hasattr(model, "text_model")
+        tensors.update({to_diffusers_key(k, comp, flat_clip): v.cpu()
+                        for k, v in adapter_tensors(model, adapter_name).items()})
         fields[comp] = diffusers_fields(model, adapter_name)
     meta = {"format": "pt", METADATA_KEY: pack_metadata(fields), "slimtune_version": __version__,
             "slimtune_components": json.dumps(own), "slimtune_manifest": json.dumps(sorted(tensors))}

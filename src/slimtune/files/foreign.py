@@ -69,13 +69,13 @@ def _read_diffusers(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]
     parts = split_components(tensors)
     comp = None if None in parts else _pick(sorted(parts), model, component, path)
     flat_clip = not hasattr(model, "text_model")  # a transformers-5 CLIPTextModel (or a UNet: no such keys)
-    peft_tensors = {without_text_model(peft_key) if flat_clip else peft_key: tensors[key]
-                    for key, peft_key in parts[comp].items()}
+    names = {without_text_model(peft_key) if flat_clip else peft_key: key for key, peft_key in parts[comp].items()}
+    peft_tensors = {peft_key: tensors[key] for peft_key, key in names.items()}
     if "slimtune_manifest" in meta:
         check_manifest(meta, tensors, path)
     own = _slimtune_entry(meta, comp, path)
     if own is not None:
-        return AdapterFolder(path.parent, own[0], True, peft_tensors, own[1], source=path)
+        return AdapterFolder(path.parent, own[0], True, peft_tensors, own[1], source=path, file_keys=names)
     fields = _diffusers_fields(meta, comp, path)
     if fields is not None:
         config = lora_config_from_peft({"peft_type": "LORA", **fields}, path)
@@ -84,7 +84,7 @@ def _read_diffusers(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]
                  for k, t in peft_tensors.items() if k.endswith(".lora_A.weight")}
         dora = any(k.endswith(".lora_magnitude_vector") for k in peft_tensors)
         config = inferred_config(ranks, {n: float(r) for n, r in ranks.items()}, dora)
-    return AdapterFolder(path.parent, config, False, peft_tensors, None, source=path)
+    return AdapterFolder(path.parent, config, False, peft_tensors, None, source=path, file_keys=names)
 
 
 def _slimtune_entry(meta: dict[str, str], comp: str | None, path: Path) -> tuple[Any, Any] | None:
@@ -120,7 +120,7 @@ def _read_kohya(path: Path, tensors: dict[str, Tensor], model: nn.Module, compon
             stems[p.flat] = p.key.partition(".")[0]
     with_alpha = [flat for flat, r in roles.items() if "alpha" in r]
     names = kohya_keys.resolve(roles, [n for n, _ in candidate_modules(model)], comp)
-    out, ranks, alphas = {}, {}, {}
+    out, ranks, alphas, file_keys = {}, {}, {}, {}
     for flat, r in roles.items():
         stem = stems[flat]
         lacking = [role for role in ("A", "B") + (("alpha",) if with_alpha else ()) if role not in r]
@@ -131,9 +131,11 @@ def _read_kohya(path: Path, tensors: dict[str, Tensor], model: nn.Module, compon
         name = names[flat]
         ranks[name] = int(r["A"].shape[0])
         alphas[name] = _scalar(r["alpha"], f"{stem}.alpha", path) if with_alpha else float(ranks[name])
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = r["A"]
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = r["B"]
-    return AdapterFolder(path.parent, inferred_config(ranks, alphas, False), False, out, None, source=path)
+        for role, part in (("A", "lora_down.weight"), ("B", "lora_up.weight")):
+            out[f"{PEFT_PREFIX}{name}.lora_{role}.weight"] = r[role]
+            file_keys[f"{PEFT_PREFIX}{name}.lora_{role}.weight"] = f"{stem}.{part}"
+    return AdapterFolder(path.parent, inferred_config(ranks, alphas, False), False, out, None, source=path,
+                         file_keys=file_keys)
 
 
 def _scalar(t: Tensor, key: str, path: Path) -> float:

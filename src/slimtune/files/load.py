@@ -94,11 +94,11 @@ def _check_fit(model: nn.Module, adapter_name: str, folder: AdapterFolder) -> di
     if missing or unexpected:
         raise AdapterFileError(
             f"{folder.weights_path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+            f"{len(unexpected)} unexpected keys (e.g. {[folder.file_key(k) for k in unexpected[:2]]})")
     for key, target in expected.items():
         src = folder.tensors[key]
         if src.shape != target.shape:
-            raise AdapterFileError(f"{folder.weights_path}: {key} has shape {tuple(src.shape)}, the model needs "
+            raise AdapterFileError(f"{folder.weights_path}: {folder.file_key(key)} has shape {tuple(src.shape)}, the model needs "
                                    f"{tuple(target.shape)} (different rank or base model?)")
     return expected
 

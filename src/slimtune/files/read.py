@@ -35,6 +35,11 @@ class AdapterFolder:
     tensors: dict[str, Tensor]
     fingerprint: fingerprint.Fingerprint | None
     source: Path | None = None  # a one-file adapter (diffusers, kohya): its config and weights both come from it
+    file_keys: dict[str, str] | None = None  # PEFT key -> the key as that file spells it, for messages
+
+    def file_key(self, key: str) -> str:
+        """``key`` (a PEFT key) as the file on disk names it."""
+        return (self.file_keys or {}).get(key, key)
 
     @property
     def config_path(self) -> Path:

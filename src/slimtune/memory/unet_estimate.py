@@ -1,0 +1,75 @@
+"""``slimtune estimate`` for a diffusers UNet: the four residents of one noise-prediction step (no torch).
+
+Weights, gradients and optimizer state follow :mod:`slimtune.memory.estimate`'s rules over the exact
+parameter counts of :mod:`slimtune.memory.unet`; activations come from
+:func:`slimtune.memory.unet_activations.saved_unet_activations`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimtune.memory import formulas as f
+from slimtune.memory.estimate import Component, Estimate, gradient_component, optimizer_component, weight_component
+from slimtune.memory.spec import Method, Precision
+from slimtune.memory.unet import (UNET_ATTENTION, UNetArch, UNetWorkload, lora_targets, unet_from_config,
+                                  unet_lora_params, unet_params)
+from slimtune.memory.unet_activations import UNetTraining, saved_unet_activations
+
+UNET_METHODS = ("full", "lora", "dora")
+
+
+def is_unet_config(source: str | Path) -> bool:
+    """Whether ``source`` (a config.json or its folder) is a diffusers UNet2DConditionModel config."""
+    import json
+
+    path = Path(source)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text()).get("_class_name") == "UNet2DConditionModel"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def unet_trainable(a: UNetArch, method: Method) -> int:
+    """Trainable parameters: every one (full); LoRA on the targets (default: to_q, to_k, to_v, to_out.0);
+    DoRA adds a magnitude per output feature of each targeted linear. Raises ValueError for other methods
+    and for DoRA on a convolution."""
+    if method.name == "full":
+        return unet_params(a)
+    targets = method.targets or UNET_ATTENTION
+    if method.name == "lora":
+        return unet_lora_params(a, method.rank, targets)
+    if method.name == "dora":
+        hits = lora_targets(a, targets)
+        if any(layer.kind == "conv" for layer in hits):
+            raise ValueError("method=dora: DoRA wraps linear layers only; drop the conv targets")
+        return unet_lora_params(a, method.rank, targets) + sum(layer.d_out for layer in hits)
+    raise ValueError(f"method={method.name!r}: a UNet is estimated for {', '.join(UNET_METHODS)}")
+
+
+def estimate_unet(model: str | Path | dict[str, Any] | UNetArch, method: Method | str = "lora",
+                  precision: Precision | None = None, workload: UNetWorkload | None = None) -> Estimate:
+    """Estimate one training step of a UNet2DConditionModel (a config.json path or folder, its dict, or a
+    UNetArch). Raises ValueError naming the field for an unsupported config, method or precision."""
+    method = Method(method) if isinstance(method, str) else method
+    precision, workload = precision or Precision(), workload or UNetWorkload()
+    a = model if isinstance(model, UNetArch) else unet_from_config(model)
+    if precision.base_dtype(method.name) in f.QUANT_DTYPES:
+        raise ValueError(f"precision.weight_dtype={precision.base_dtype(method.name)!r}: a UNet is estimated "
+                         "with a float base (fp32, bf16, fp16)")
+    trainable, total = unet_trainable(a, method), unet_params(a)
+    t = UNetTraining(full=method.name == "full", lora_targets=method.targets or UNET_ATTENTION,
+                     lora_rank=method.rank, bpe=f.DTYPE_BYTES[precision.compute_dtype(method.name)],
+                     adapter_bpe=f.DTYPE_BYTES[precision.trainable_dtype(method.name)])
+    if method.name == "dora":  # the graph models LoRA's saved tensors; DoRA keeps a little more per layer
+        t = UNetTraining(False, t.lora_targets, t.lora_rank, t.bpe, t.adapter_bpe)
+    act = saved_unet_activations(a, t, workload)
+    rule = (f"UNet graph, b={workload.batch} latent {workload.resolution}x{workload.resolution}, "
+            f"{workload.text_tokens} text tokens, {precision.compute_dtype(method.name)}")
+    components = (weight_component(total, method, precision, trainable),
+                  gradient_component(method, precision, trainable),
+                  optimizer_component(method, precision, trainable),
+                  Component("activations", act, rule))
+    return Estimate(a.name, method, precision, workload, total, trainable, components)  # type: ignore[arg-type]

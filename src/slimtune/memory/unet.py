@@ -77,17 +77,29 @@ def _per_block(cfg: dict, key: str, n: int) -> tuple[int, ...]:
     return vals
 
 
+def read_unet_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The parsed config.json at ``source`` (the file or its folder; a dict is returned as is). Raises
+    ValueError naming the path when it cannot be read or is not a JSON object."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model={str(path)!r}: cannot read a UNet config.json: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model={str(path)!r}: a config.json holds a JSON object, not {type(data).__name__}")
+    return data
+
+
+
 def unet_from_config(source: str | Path | dict[str, Any]) -> UNetArch:
     """A UNetArch from a diffusers UNet config.json (a path, its folder, or the parsed dict). Raises
     ValueError naming the field for a config this module does not count (see ``FIXED``, ``DOWN_TYPES``)."""
-    name = "unet"
-    if not isinstance(source, dict):
-        path = Path(source)
-        path = path / "config.json" if path.is_dir() else path
-        try:
-            source, name = json.loads(path.read_text()), str(path.parent.name or path.name)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"model={str(path)!r}: cannot read a UNet config.json: {e}") from None
+    name = "unet" if isinstance(source, dict) else (Path(source).parent.name if Path(source).is_file()
+                                                     else Path(source).name) or "unet"
+    source = read_unet_config(source)
     cfg = {"in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1280,
            "attention_head_dim": 8, "num_attention_heads": None, "transformer_layers_per_block": 1,
            "norm_num_groups": 32, "use_linear_projection": False, "num_class_embeds": None, "sample_size": 64,

@@ -7,14 +7,15 @@ parameter counts of :mod:`slimtune.memory.unet`; activations come from
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from slimtune.memory import formulas as f
 from slimtune.memory.estimate import Component, Estimate, gradient_component, optimizer_component, weight_component
 from slimtune.memory.spec import Method, Precision
-from slimtune.memory.unet import (UNET_ATTENTION, UNetArch, UNetWorkload, lora_targets, unet_from_config,
-                                  unet_lora_params, unet_params)
+from slimtune.memory.unet import (UNET_ATTENTION, UNetArch, UNetWorkload, lora_targets, read_unet_config,
+                                  unet_from_config, unet_lora_params, unet_params)
 from slimtune.memory.unet_activations import UNetTraining, saved_unet_activations
 
 UNET_METHODS = ("full", "lora", "dora")
@@ -22,13 +23,9 @@ UNET_METHODS = ("full", "lora", "dora")
 
 def is_unet_config(source: str | Path) -> bool:
     """Whether ``source`` (a config.json or its folder) is a diffusers UNet2DConditionModel config."""
-    import json
-
-    path = Path(source)
-    path = path / "config.json" if path.is_dir() else path
     try:
-        return json.loads(path.read_text()).get("_class_name") == "UNet2DConditionModel"
-    except (OSError, ValueError, AttributeError):
+        return read_unet_config(source).get("_class_name") == "UNet2DConditionModel"
+    except ValueError:
         return False
 
 
@@ -73,3 +70,48 @@ def estimate_unet(model: str | Path | dict[str, Any] | UNetArch, method: Method 
                   optimizer_component(method, precision, trainable),
                   Component("activations", act, rule))
     return Estimate(a.name, method, precision, workload, total, trainable, components)  # type: ignore[arg-type]
+
+
+def unet_table(e: Estimate) -> str:
+    """One UNet estimate: a row per component with GB, GiB and its rule, then the total."""
+    w = e.workload
+    lines = [f"{e.model}: {e.method.name}, {e.total_params:,} params, {e.trainable_params:,} trainable "
+             f"({100 * e.trainable_params / max(e.total_params, 1):.4g}%), batch {w.batch} x latent "
+             f"{w.resolution}x{w.resolution}, {w.text_tokens} text tokens",
+             f"{'component':<12}{'GB':>13}{'GiB':>13}  rule"]
+    for c in e.components:
+        lines.append(f"{c.name:<12}{f.gb(c.bytes):10.2f} GB {f.gib(c.bytes):9.2f} GiB  {c.rule}")
+    lines.append(f"{'total':<12}{f.gb(e.total):10.2f} GB {f.gib(e.total):9.2f} GiB")
+    return "\n".join(lines)
+
+
+def unet_estimates(model: str | Path, methods: tuple[str, ...], method: Method, precision: Precision,
+                   workload: UNetWorkload) -> list[Estimate]:
+    """:func:`estimate_unet` for each method name, sharing ``method``'s rank and targets."""
+    out = []
+    for name in methods:
+        m = Method(name, method.rank, method.targets if name != "full" else None)
+        out.append(estimate_unet(model, m, precision, workload))
+    return out
+
+
+def unet_command(model: str, methods: tuple[str, ...], method: Method, precision: Precision, batch: int,
+                 resolution: int, text_tokens: int, as_json: bool, measure: bool) -> str:
+    """What ``slimtune estimate --model unet/config.json`` prints: a table per method (or JSON bytes), and
+    with ``measure`` the same step measured here. Raises ValueError naming the bad field."""
+    from slimtune.memory.render import measured_table
+
+    workload = UNetWorkload(batch, resolution, text_tokens)
+    estimates = unet_estimates(model, methods, method, precision, workload)
+    if as_json:
+        data = {e.method.name: e.as_dict() for e in estimates}
+        return json.dumps(data[methods[0]] if len(methods) == 1 else data, indent=2)
+    out = "\n\n".join(unet_table(e) for e in estimates)
+    if measure:
+        from slimtune.memory.unet_measure import measure_unet_against_estimate
+
+        est, meas = measure_unet_against_estimate(model, method, precision, workload)
+        rows = [(k, est.as_dict()[k], meas.as_dict()[k]) for k in ("weights", "gradients", "optimizer",
+                                                                    "activations", "total")]
+        out += f"\n\nmeasured on {meas.device}, {precision.compute_dtype(method.name)}:\n{measured_table(rows)}"
+    return out

@@ -9,7 +9,7 @@ optimizer state; activations through ``saved_tensors_hooks``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimtune.memory.measure import Measured, saved_storages, unique_bytes, weight_tensors
 from slimtune.memory.spec import Method, Precision
@@ -90,3 +90,28 @@ def measure_unet_step(unet: "nn.Module", method: Method, precision: Precision, w
     state = (t for s in optim.state.values() for t in s.values() if torch.is_tensor(t))
     return Measured(weights=unique_bytes(iter(weight_tensors(unet))), gradients=grads, optimizer=unique_bytes(state),
                     activations=sum(saved.values()), trainable_params=sum(p.numel() for p in params), device=device)
+
+
+def measure_unet_against_estimate(config: Any, method: Method, precision: Precision,
+                                  workload: UNetWorkload) -> tuple[Any, Measured]:
+    """Build the UNet of ``config`` (a config.json path or folder, or its dict) with random weights (diffusers
+    needed), measure one step here (CPU unless CUDA is asked for and present) and estimate the same step."""
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+
+    from slimtune.memory.unet import read_unet_config, unet_from_config
+    from slimtune.memory.unet_estimate import estimate_unet
+
+    cfg = read_unet_config(config)
+    unet_from_config(cfg)  # refuses what the estimate cannot count, before building anything
+    device = workload.device if workload.device == "cpu" else ("cuda" if _cuda() else "cpu")
+    workload = dataclasses.replace(workload, device=device)
+    measured = measure_unet_step(UNet2DConditionModel.from_config(cfg), method, precision, workload)
+    return estimate_unet(cfg, method, precision, workload), measured
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -127,3 +127,15 @@ def test_text_encoder_part_by_class_or_component(tmp_path):
     other = tiny_text_encoder()
     slimtune.load_adapter(other, tmp_path / DIFFUSERS_WEIGHTS_NAME, component="text_encoder")
     torch.testing.assert_close(te_out(other), te_out(te), atol=0, rtol=0)
+
+
+def test_peft_folder_of_a_unet_still_loads_by_keys(tmp_path):
+    """The default format stays PEFT's folder; load_adapter tells it from a diffusers file by its keys."""
+    unet = adapted_unet(r=2, alpha=5)
+    slimtune.save_adapter(unet, tmp_path / "peft")
+    slimtune.save_adapter(unet, tmp_path / "diffusers", format="diffusers")
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    for folder in ("peft", "diffusers"):
+        other = tiny_unet()
+        slimtune.load_adapter(other, tmp_path / folder)
+        torch.testing.assert_close(unet_out(other), unet_out(unet), atol=0, rtol=0)

@@ -100,6 +100,10 @@ def test_save_refuses_what_diffusers_cannot_hold_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="bias='all'"):
         slimtune.save_adapter(unet, tmp_path / "out", format="diffusers")
     assert not (tmp_path / "out").exists()
+    pissa = tiny_unet()
+    slimtune.inject(pissa, slimtune.LoraConfig(r=2, target_modules=("to_q",), init="pissa"))
+    with pytest.raises(ValueError, match="init='pissa'"):
+        slimtune.save_adapter(pissa, tmp_path / "out", format="diffusers")
     with pytest.raises(ValueError, match="format='onnx': must be one of peft, diffusers"):
         slimtune.save_adapter(unet, tmp_path / "out", format="onnx")
     with pytest.raises(ValueError, match="component='vae': must be one of"):

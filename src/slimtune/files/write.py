@@ -75,8 +75,8 @@ def save_diffusers(path: str | os.PathLike, components: Mapping[str, nn.Module],
 
     The header carries diffusers' ``lora_adapter_metadata`` (so ``load_lora_weights`` keeps alpha != r) and
     slimtune's config and base-model fingerprint per component. Raises ValueError for an adapter diffusers
-    cannot hold (not LoRA/DoRA, ``bias`` trained, ``modules_to_save``) and RuntimeError while merged;
-    nothing is written then.
+    cannot hold (not LoRA/DoRA, ``bias`` trained, ``modules_to_save``, PiSSA/OLoRA init) and RuntimeError
+    while merged; nothing is written then.
     """
     tensors, fields, own = {}, {}, {}
     for comp, model in components.items():
@@ -85,6 +85,9 @@ def save_diffusers(path: str | os.PathLike, components: Mapping[str, nn.Module],
             raise ValueError(f"format='diffusers' holds LoRA/DoRA updates only; the {comp}'s adapter "
                              f"{adapter_name!r} is {cfg.method} with bias={getattr(cfg, 'bias', None)!r}, "
                              f"modules_to_save={list(getattr(cfg, 'modules_to_save', ()))}: save it with format='peft'")
+        if cfg.init in ("pissa", "olora"):  # its A, B are relative to a rewritten base diffusers does not have
+            raise ValueError(f"format='diffusers': the {comp}'s adapter {adapter_name!r} has init={cfg.init!r}, whose "
+                             "update is relative to a rewritten base weight; save it with format='peft'")
         own[comp] = {"config": cfg.to_dict(), "fingerprint": model_fingerprint(model, adapter_name).to_json()}
         flat_clip = comp.startswith("text_encoder") and not hasattr(model, "text_model")
         tensors.update({to_diffusers_key(k, comp, flat_clip): v.cpu()

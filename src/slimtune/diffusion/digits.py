@@ -59,8 +59,10 @@ def load_digits(path: str | Path | None = None, size: int = SIZE) -> tuple[Tenso
 
 
 def bold(images: Tensor) -> Tensor:
-    """The new style: strokes thickened by a 3x3 max filter (images in [-1, 1], ink bright)."""
-    return F.max_pool2d(images, 3, stride=1, padding=1)
+    """The new style: strokes thickened by one pixel, a max over the cross-shaped neighbourhood (a full 3x3
+    filter blurs 16x16 digits into blobs); images (n, 1, h, w) in [-1, 1], ink bright."""
+    return torch.maximum(F.max_pool2d(images, (3, 1), stride=1, padding=(1, 0)),
+                         F.max_pool2d(images, (1, 3), stride=1, padding=(0, 1)))
 
 
 class LabelPrompt(nn.Module):
@@ -152,17 +154,21 @@ def run_digits(out_dir: str | Path, recipe: DigitsRecipe = DigitsRecipe(), digit
 
 
 def _write(out: Path, before: Tensor, after: Tensor, style: Tensor, result: DigitsResult, unet: nn.Module) -> list[str]:
-    figs = {"samples_before.png": grid_figure(before.view(10, 2, 1, SIZE, SIZE).transpose(0, 1).reshape(20, 1, SIZE, SIZE),
-                                              2, "base model, before the LoRA (2 seeds x digits 0-9)"),
-            "samples_after.png": grid_figure(after.view(10, 2, 1, SIZE, SIZE).transpose(0, 1).reshape(20, 1, SIZE, SIZE),
-                                             2, "with the 'bold' LoRA (same seeds)"),
-            "lora_training_set.png": grid_figure(style, 10 if style.shape[0] % 10 == 0 else 1,
-                                                 "the LoRA's training images (bold)")}
+    figs = {"samples_before.png": grid_figure(_by_class(before), 2, "base model, before the LoRA (2 seeds x digits 0-9)"),
+            "samples_after.png": grid_figure(_by_class(after), 2, "with the 'bold' LoRA (same seeds)"),
+            "lora_training_set.png": grid_figure(_by_class(style), style.shape[0] // 10,
+                                                 "the LoRA's training images (bold digits 0-9)")}
     figs["memorisation.png"] = curve_figure(result.curve)
     for name, fig in figs.items():
         fig.savefig(out / name, dpi=110)
     slimtune.save_adapter(unet, out / "lora", format="diffusers")
     return sorted(figs) + ["lora/pytorch_lora_weights.safetensors"]
+
+
+def _by_class(images: Tensor) -> Tensor:
+    """Images ordered class-major (k per class) -> one row per k, digits 0-9 across: (n, c, h, w)."""
+    k = images.shape[0] // 10
+    return images.view(10, k, *images.shape[1:]).transpose(0, 1).reshape(images.shape)
 
 
 def curve_figure(curve: list[dict]):
@@ -174,7 +180,7 @@ def curve_figure(curve: list[dict]):
     import matplotlib.pyplot as plt
 
     epochs = [c["epoch"] for c in curve]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(epochs, [c["median_distance"] for c in curve], "o-", label="median distance to nearest training image")
     ax.axhline(curve[0]["threshold"] if curve else 0, color="grey", ls="--", label="copy threshold")
     ax.set_xlabel("LoRA epoch")
@@ -184,8 +190,11 @@ def curve_figure(curve: list[dict]):
             alpha=0.25, color="C3", label="fraction of samples that copy")
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("fraction copying")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], loc="upper right", fontsize=8, frameon=False)
+    ax.legend(lines, [h.get_label() for h in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+              fontsize=8, frameon=False)
     ax.set_title("When does the LoRA start copying its training images?", fontsize=10)
     fig.tight_layout()
     return fig

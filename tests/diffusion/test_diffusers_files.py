@@ -139,3 +139,17 @@ def test_peft_folder_of_a_unet_still_loads_by_keys(tmp_path):
         other = tiny_unet()
         slimtune.load_adapter(other, tmp_path / folder)
         torch.testing.assert_close(unet_out(other), unet_out(unet), atol=0, rtol=0)
+
+
+def test_slimtune_diffusers_file_checks_the_base_model(tmp_path):
+    """slimtune's header keeps the base-model fingerprint: another UNet is refused (the model untouched) unless
+    check_base=False."""
+    from slimtune.fingerprint import BaseModelMismatch
+
+    slimtune.save_adapter(adapted_unet(), tmp_path, format="diffusers")
+    other = tiny_unet(seed=5)
+    with pytest.raises(BaseModelMismatch, match=DIFFUSERS_WEIGHTS_NAME):
+        slimtune.load_adapter(other, tmp_path)
+    assert not getattr(other, "slimtune_configs", {})
+    slimtune.load_adapter(other, tmp_path, check_base=False)
+    assert "default" in other.slimtune_configs

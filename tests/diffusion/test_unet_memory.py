@@ -75,7 +75,8 @@ def test_lora_count_equals_inject(targets):
 CASES = [("tiny", "full", None, "fp32"), ("tiny", "lora", None, "bf16"),
          ("tiny", "lora", UNET_ATTENTION + ("conv1", "proj_in"), "fp32"),
          ("linear-proj, labels, deeper", "full", None, "bf16"), ("linear-proj, labels, deeper", "lora", None, "fp32"),
-         ("three blocks, no mid", "lora", ("all-linear",), "bf16")]
+         ("three blocks, no mid", "lora", ("all-linear",), "bf16"), ("tiny", "dora", None, "fp32"),
+         ("linear-proj, labels, deeper", "dora", UNET_ATTENTION + ("ff.net.2",), "bf16")]
 
 
 @pytest.mark.parametrize("name, method, targets, dtype", CASES)

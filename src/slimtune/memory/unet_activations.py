@@ -33,6 +33,7 @@ class UNetTraining:
     lora_rank: int = 8
     bpe: float = 2.0  # activations (the compute dtype)
     adapter_bpe: float = 4.0
+    dora: bool = False  # DoRA on the (linear) targets: LoRA's tensors plus DoraLinearFn's output and scale
 
     def trains(self, name: str) -> bool:
         """Whether layer ``name``'s own weight trains (every weight under full fine-tuning, none under LoRA)."""
@@ -70,7 +71,7 @@ class Step:
             return y
         if conv and x.bpe != self.t.adapter_bpe:  # LoraConv casts x to the adapter dtype first
             x = self.g.new(x.numel, self.t.adapter_bpe, x.grad, "lora_x")
-        return ops.lora_branch(self.g, x, y, self.t.lora_rank, tokens, self.t.adapter_bpe)
+        return ops.lora_branch(self.g, x, y, self.t.lora_rank, tokens, self.t.adapter_bpe, dora=self.t.dora)
 
     def groupnorm(self, name: str, x: Sym, groups: int) -> Sym:
         grad = x.grad or self.t.trains(name)

@@ -59,9 +59,7 @@ def estimate_unet(model: str | Path | dict[str, Any] | UNetArch, method: Method 
     trainable, total = unet_trainable(a, method), unet_params(a)
     t = UNetTraining(full=method.name == "full", lora_targets=method.targets or UNET_ATTENTION,
                      lora_rank=method.rank, bpe=f.DTYPE_BYTES[precision.compute_dtype(method.name)],
-                     adapter_bpe=f.DTYPE_BYTES[precision.trainable_dtype(method.name)])
-    if method.name == "dora":  # the graph models LoRA's saved tensors; DoRA keeps a little more per layer
-        t = UNetTraining(False, t.lora_targets, t.lora_rank, t.bpe, t.adapter_bpe)
+                     adapter_bpe=f.DTYPE_BYTES[precision.trainable_dtype(method.name)], dora=method.name == "dora")
     act = saved_unet_activations(a, t, workload)
     rule = (f"UNet graph, b={workload.batch} latent {workload.resolution}x{workload.resolution}, "
             f"{workload.text_tokens} text tokens, {precision.compute_dtype(method.name)}")

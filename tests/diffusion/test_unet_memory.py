@@ -150,3 +150,5 @@ def test_cli_estimate_and_measure_a_unet_config(tmp_path):
     assert data["full"]["weights"] == 2 * 51_684 and data["lora"]["weights"] == 2 * 51_684 + 4 * 5_248
     bad = runner.invoke(app, ["estimate", "--model", str(tmp_path), "--method", "qlora"])
     assert bad.exit_code == 2 and bad.output.startswith("error: precision.weight_dtype='nf4'")
+    unused = runner.invoke(app, ["estimate", "--model", str(tmp_path), "--seq", "128"])
+    assert unused.exit_code == 2 and unused.output.startswith("error: --seq: not used for a diffusers UNet config")

@@ -88,7 +88,9 @@ def estimate_command(
     from slimtune.memory.unet_estimate import is_unet_config, unet_command
 
     if model is not None and is_unet_config(model):  # a diffusers UNet2DConditionModel config.json
-        typer.echo(unet_command(model, methods, m, p, batch, resolution, text_tokens, as_json, measure))
+        unused = {"--seq": seq != 512, "--grad-checkpointing": grad_checkpointing, "--attention": attention != "sdpa",
+                  "--plot": plot is not None, "--trainable": trainable is not None}
+        typer.echo(unet_command(model, methods, m, p, batch, resolution, text_tokens, as_json, measure, unused))
         return
     w = Workload(batch, seq, grad_checkpointing, attention)
     estimates = est.compare(ref, methods, m, p, w, trainable)

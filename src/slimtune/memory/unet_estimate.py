@@ -94,10 +94,17 @@ def unet_estimates(model: str | Path, methods: tuple[str, ...], method: Method, 
 
 
 def unet_command(model: str, methods: tuple[str, ...], method: Method, precision: Precision, batch: int,
-                 resolution: int, text_tokens: int, as_json: bool, measure: bool) -> str:
+                 resolution: int, text_tokens: int, as_json: bool, measure: bool,
+                 unused: dict[str, bool] | None = None) -> str:
     """What ``slimtune estimate --model unet/config.json`` prints: a table per method (or JSON bytes), and
-    with ``measure`` the same step measured here. Raises ValueError naming the bad field."""
+    with ``measure`` the same step measured here. ``unused``: flag -> given, for language-model flags a UNet
+    estimate does not read (refused, not ignored). Raises ValueError naming the bad flag or field."""
     from slimtune.memory.render import measured_table
+
+    given = [flag for flag, on in (unused or {}).items() if on]
+    if given:
+        raise ValueError(f"{given[0]}: not used for a diffusers UNet config (its options: --method/--compare, --rank, "
+                         "--targets, --batch, --resolution, --text-tokens, dtypes, --json, --measure)")
 
     workload = UNetWorkload(batch, resolution, text_tokens)
     estimates = unet_estimates(model, methods, method, precision, workload)

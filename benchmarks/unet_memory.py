@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/unet_memory.py      # writes benchmarks/results/unet_memory.md
 
-Small diffusers UNet2DConditionModel configs (random weights), one noise-prediction step (AdamW) on CPU:
+Small diffusers UNet2DConditionModel configs (random weights), one noise-prediction step (AdamW) on CPU
+(~15 s, so it runs without the heavy-job lock):
 full fine-tuning and LoRA r=4 (attention; attention + resnet conv1 + proj_in), fp32 and bf16. The peer: the
 same LoRA through diffusers' ``unet.add_adapter(peft.LoraConfig(...))``, measured with the same hooks.
 """
@@ -33,7 +34,7 @@ CONFIGS = {
                                         attention_head_dim=8, norm_num_groups=8, use_linear_projection=True,
                                         num_class_embeds=10),
 }
-WORKLOAD = UNetWorkload(batch=2, resolution=32, text_tokens=16, device="cpu")
+WORKLOAD = UNetWorkload(batch=2, resolution=16, text_tokens=8, device="cpu")
 CONV = UNET_ATTENTION + ("conv1", "proj_in")
 KEYS = ("weights", "gradients", "optimizer", "activations", "total")
 

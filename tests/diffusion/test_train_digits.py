@@ -98,3 +98,8 @@ def test_digits_recipe_end_to_end_on_a_small_file(tmp_path):
     other = build_unet()
     other.load_lora_adapter(str(tmp_path / "out" / "lora"), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
     assert any("lora_A" in n for n, _ in other.named_parameters())
+    again = run_digits(tmp_path / "again", DigitsRecipe(lora_epochs=1, per_class=1, sample_every=1, steps=2),
+                       tmp_path / "d.csv.gz", log=lambda s: None, base_from=tmp_path / "out")
+    assert again.base_losses == [] and len(again.lora_losses) == 1
+    with pytest.raises(FileNotFoundError, match="base_from="):
+        run_digits(tmp_path / "x", DigitsRecipe(), tmp_path / "d.csv.gz", log=lambda s: None, base_from=tmp_path)

@@ -110,20 +110,51 @@ class DigitsResult:
     files: list[str] = field(default_factory=list)
 
 
+def save_base(unet: nn.Module, prompt: LabelPrompt, out: Path) -> None:
+    """The trained base, so LoRA runs can start from it: ``out/base/`` (diffusers' folder, safetensors) and
+    ``out/base_prompt.safetensors``, each written to a temporary name first."""
+    from safetensors.torch import save_file
+
+    from slimtune.files.write import atomic_write
+    from slimtune.quant.export import save_pretrained_atomic
+
+    save_pretrained_atomic(unet, out / "base")
+    atomic_write(out / "base_prompt.safetensors", lambda tmp: save_file({"table": prompt.table.detach()}, tmp))
+
+
+def load_base(folder: str | Path) -> tuple[nn.Module, LabelPrompt]:
+    """The base ``save_base`` wrote into ``folder``. Raises FileNotFoundError naming what is missing."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    for need in (root / "base" / "config.json", root / "base_prompt.safetensors"):
+        if not need.is_file():
+            raise FileNotFoundError(f"base_from={str(root)!r}: no {need.relative_to(root)} (written by a full run)")
+    prompt = LabelPrompt()
+    prompt.table.data = load_file(str(root / "base_prompt.safetensors"))["table"]
+    return UNet2DConditionModel.from_pretrained(root / "base").eval(), prompt
+
+
 def run_digits(out_dir: str | Path, recipe: DigitsRecipe = DigitsRecipe(), digits_path: str | Path | None = None,
-               log: Callable[[str], None] = print) -> DigitsResult:
-    """Run the recipe, writing PNG grids, the curve, the adapter (diffusers format) and result.json to ``out_dir``."""
+               log: Callable[[str], None] = print, base_from: str | Path | None = None) -> DigitsResult:
+    """Run the recipe, writing PNG grids, the curve, the adapter (diffusers format), the base and result.json to
+    ``out_dir``. ``base_from``: a former run's folder whose base is reused (no base training)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     images, labels = load_digits(digits_path)
-    unet, prompt, scheduler = build_unet(), LabelPrompt(), DDPMScheduler(num_train_timesteps=1000)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    unet, prompt = load_base(base_from) if base_from is not None else (build_unet(), LabelPrompt())
     cond = lambda y: {"encoder_hidden_states": prompt(y)}  # noqa: E731 - the recipe's conditioning
     log(f"base: {sum(p.numel() for p in unet.parameters()):,} parameters, {len(images)} digits")
-    base_losses = train_unet(unet, scheduler, images, labels, cond, DiffusionTraining(recipe.base_epochs, 64, 2e-3),
-                             [prompt.table], lambda e, l: log(f"  base epoch {e}: loss {l:.4f}"))
+    base_losses = []
+    if base_from is None:
+        base_losses = train_unet(unet, scheduler, images, labels, cond, DiffusionTraining(recipe.base_epochs, 64, 2e-3),
+                                 [prompt.table], lambda e, l: log(f"  base epoch {e}: loss {l:.4f}"))
+        save_base(unet, prompt, out)
     prompt.requires_grad_(False)
     grid_labels = torch.arange(10).repeat_interleave(2)  # two samples per class, fixed seeds
     start = torch.randn(len(grid_labels), 1, SIZE, SIZE, generator=torch.Generator().manual_seed(123))

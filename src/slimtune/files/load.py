@@ -29,7 +29,8 @@ from slimtune.config import LoraConfig, PromptTuningConfig
 from slimtune.control import adapted_layers, delete_adapter
 from slimtune.files.keys import PREFIX, fingerprint_layers, live_tensors
 from slimtune.files.peft_schema import AdapterFileError
-from slimtune.files.read import AdapterFolder, read_folder
+from slimtune.files.foreign import read_any
+from slimtune.files.read import AdapterFolder
 from slimtune.injection import inject, principal_factors, principal_residual
 from slimtune.methods.prompt import inject_prompt
 from slimtune.names import suffix_match
@@ -39,8 +40,11 @@ PRINCIPAL_INITS = ("pissa", "olora")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 check_base: bool = True) -> Any:
-    """Inject the adapter in folder ``path`` (slimtune's or PEFT's) into ``model`` and load its weights.
+                 check_base: bool = True, component: str | None = None) -> Any:
+    """Inject the adapter at ``path`` into ``model`` and load its weights: a PEFT folder (slimtune's or
+    PEFT's), or a diffusers / kohya LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``), told
+    apart by their keys; ``component`` (``unet``, ``text_encoder``...) picks the part of a pipeline-wide file,
+    by default the one ``model``'s class is (see ``slimtune.files.foreign``).
 
     Returns the injection report. Raises AdapterFileError (naming the file) for a missing, pickled,
     malformed or ill-fitting folder; fingerprint.BaseModelMismatch when the adapter was trained on
@@ -53,7 +57,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if any(layer.merged for _, layer in adapted_layers(model)):
         raise RuntimeError("adapters are merged into the base weights; call slimtune.unmerge(model) before "
                            "loading, so the base-model fingerprint is computed on the original weights")
-    folder = read_folder(path)
+    folder = read_any(path, model, component)
     config = folder.config if folder.from_slimtune else _present_modules_to_save(model, folder.config)
     with rollback_on_error(model) as log:
         report = _inject_structure(model, config, adapter_name, folder)
@@ -90,11 +94,11 @@ def _check_fit(model: nn.Module, adapter_name: str, folder: AdapterFolder) -> di
     if missing or unexpected:
         raise AdapterFileError(
             f"{folder.weights_path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+            f"{len(unexpected)} unexpected keys (e.g. {[folder.file_key(k) for k in unexpected[:2]]})")
     for key, target in expected.items():
         src = folder.tensors[key]
         if src.shape != target.shape:
-            raise AdapterFileError(f"{folder.weights_path}: {key} has shape {tuple(src.shape)}, the model needs "
+            raise AdapterFileError(f"{folder.weights_path}: {folder.file_key(key)} has shape {tuple(src.shape)}, the model needs "
                                    f"{tuple(target.shape)} (different rank or base model?)")
     return expected
 

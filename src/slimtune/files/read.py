@@ -34,14 +34,20 @@ class AdapterFolder:
     from_slimtune: bool  # the config came from slimtune's own metadata (exact) rather than PEFT's JSON
     tensors: dict[str, Tensor]
     fingerprint: fingerprint.Fingerprint | None
+    source: Path | None = None  # a one-file adapter (diffusers, kohya): its config and weights both come from it
+    file_keys: dict[str, str] | None = None  # PEFT key -> the key as that file spells it, for messages
+
+    def file_key(self, key: str) -> str:
+        """``key`` (a PEFT key) as the file on disk names it."""
+        return (self.file_keys or {}).get(key, key)
 
     @property
     def config_path(self) -> Path:
-        return self.folder / CONFIG_NAME
+        return self.source or self.folder / CONFIG_NAME
 
     @property
     def weights_path(self) -> Path:
-        return self.folder / WEIGHTS_NAME
+        return self.source or self.folder / WEIGHTS_NAME
 
 
 def read_folder(path: str | Path) -> AdapterFolder:
@@ -58,7 +64,7 @@ def read_folder(path: str | Path) -> AdapterFolder:
     if "slimtune_fingerprint" in meta:
         saved_fp = _meta_fingerprint(meta, folder / WEIGHTS_NAME)
     if "slimtune_manifest" in meta:
-        _check_manifest(meta, tensors, folder / WEIGHTS_NAME)
+        check_manifest(meta, tensors, folder / WEIGHTS_NAME)
     return AdapterFolder(folder, config, "slimtune_config" in meta, tensors, saved_fp)
 
 
@@ -112,7 +118,7 @@ def read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def _meta_json(meta: dict[str, str], key: str, path: Path, want: type) -> Any:
+def meta_json(meta: dict[str, str], key: str, path: Path, want: type) -> Any:
     try:
         value = json.loads(meta[key], parse_constant=_no_constants)
     except ValueError as e:
@@ -123,7 +129,7 @@ def _meta_json(meta: dict[str, str], key: str, path: Path, want: type) -> Any:
 
 
 def _meta_config(meta: dict[str, str], path: Path) -> Any:
-    data = _meta_json(meta, "slimtune_config", path, dict)
+    data = meta_json(meta, "slimtune_config", path, dict)
     try:
         return config_from_dict(data)
     except (ConfigError, TypeError, ValueError) as e:
@@ -131,15 +137,15 @@ def _meta_config(meta: dict[str, str], path: Path) -> Any:
 
 
 def _meta_fingerprint(meta: dict[str, str], path: Path) -> fingerprint.Fingerprint:
-    data = _meta_json(meta, "slimtune_fingerprint", path, dict)
+    data = meta_json(meta, "slimtune_fingerprint", path, dict)
     try:
         return fingerprint.Fingerprint.from_json(data)
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterFileError(f"{path}: metadata 'slimtune_fingerprint' is malformed: {e!r}") from None
 
 
-def _check_manifest(meta: dict[str, str], tensors: dict[str, Tensor], path: Path) -> None:
-    listed = _meta_json(meta, "slimtune_manifest", path, list)
+def check_manifest(meta: dict[str, str], tensors: dict[str, Tensor], path: Path) -> None:
+    listed = meta_json(meta, "slimtune_manifest", path, list)
     if sorted(map(str, listed)) != sorted(tensors):
         extra, lacking = sorted(set(tensors) - set(map(str, listed))), sorted(set(map(str, listed)) - set(tensors))
         raise AdapterFileError(f"{path}: the tensors do not match slimtune's manifest: {len(lacking)} listed but "

@@ -68,6 +68,8 @@ def estimate_command(
     as_json: bool = typer.Option(False, "--json", help="print bytes as JSON"),
     plot: Path = typer.Option(None, help="write stacked bars per method to this PNG"),
     measure: bool = typer.Option(False, "--measure", help="also run real training steps here and compare"),
+    resolution: int = typer.Option(64, min=1, help="a diffusers UNet config: the latent side (image side / 8)"),
+    text_tokens: int = typer.Option(77, min=1, help="a diffusers UNet config: caption embeddings per image"),
 ) -> None:
     """How much memory fine-tuning takes: weights, gradients, optimizer state, activations."""
     from slimtune.memory import estimate as est
@@ -83,6 +85,13 @@ def estimate_command(
     check_options(methods, given)  # e.g. --rank with full: refused, not ignored
     m = Method(methods[0], **given)
     p = Precision(weight_dtype, grad_dtype, optimizer, optim_dtype, master_weights, adapter_dtype=adapter_dtype)
+    from slimtune.memory.unet_estimate import is_unet_config, unet_command
+
+    if model is not None and is_unet_config(model):  # a diffusers UNet2DConditionModel config.json
+        unused = {"--seq": seq != 512, "--grad-checkpointing": grad_checkpointing, "--attention": attention != "sdpa",
+                  "--plot": plot is not None, "--trainable": trainable is not None}
+        typer.echo(unet_command(model, methods, m, p, batch, resolution, text_tokens, as_json, measure, unused))
+        return
     w = Workload(batch, seq, grad_checkpointing, attention)
     estimates = est.compare(ref, methods, m, p, w, trainable)
     if as_json:

@@ -1,0 +1,76 @@
+"""A Hugging Face byte-level BPE tokenizer as GGUF metadata (llama.cpp's ``gpt2`` tokenizer model).
+
+As llama.cpp's converter does (``get_vocab_base`` / ``_set_vocab_gpt2``): one token string per id up to the
+model's vocabulary size (ids the tokenizer lacks become ``[PAD<id>]``, UNUSED), token types (special added
+tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), then the merges, special-token ids,
+add-bos/eos flags and chat template through ``gguf.SpecialVocab`` reading the saved tokenizer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from slimtune.export.errors import ExportError
+
+PRE_KEY = "tokenizer.ggml.pre"
+
+
+def vocab_entries(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, token types), one per id in ``range(vocab_size)``. Raises ExportError for a tokenizer larger
+    than the model's embedding."""
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > vocab_size:
+        raise ExportError(f"tokenizer: {len(vocab)} tokens but the model's vocab_size is {vocab_size}; "
+                          "resize the embeddings before exporting")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """Raise ExportError unless ``tokenizer`` is a fast byte-level BPE tokenizer (what ``gpt2`` means in GGUF)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
+    if model != "BPE":
+        raise ExportError(f"tokenizer: {model} tokenizers are not supported in GGUF export yet; a byte-level BPE "
+                          "(GPT-2 style, as SmolLM2 and Llama 3 use) is")
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre: str) -> None:
+    """Write the tokenizer.* keys. ``pre``: llama.cpp's pre-tokenizer name (``smollm``, ``llama-bpe``, ...)."""
+    check_tokenizer(tokenizer)
+    tokens, types = vocab_entries(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory(prefix="slimtune-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)  # SpecialVocab reads tokenizer.json, tokenizer_config.json, the template
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise ExportError("tokenizer: no BPE merges found in its tokenizer.json; GGUF readers cannot rebuild it")
+    special.add_to_gguf(writer, quiet=True)
+
+
+def pre_tokenizer_of(gguf_file: Path | None) -> str:
+    """``tokenizer.ggml.pre`` of the GGUF file the base came from (llama.cpp picks it from a hash of the
+    tokenizer's output; copying it keeps the base's choice), else ``default``."""
+    if gguf_file is None:
+        return "default"
+    field = gguf.GGUFReader(gguf_file).fields.get(PRE_KEY)
+    return field.contents() if field is not None else "default"

@@ -86,6 +86,8 @@ def version() -> None:
 
 
 register_memory_commands(app)  # estimate, plan
+from slimtune.export.commands import register as register_export_commands  # noqa: E402 (torch-free)
+register_export_commands(app)  # export
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,5 +1,6 @@
-"""Fixtures for export tests: a tiny random Llama with the bundled SmolLM2 tokenizer (vocab 49,152 at hidden
-size 64: small and fast), saved as a base folder, and LoRA adapters trained on it (random non-zero factors)."""
+"""Fixtures for export tests: a tiny random Llama with a tiny byte-level BPE tokenizer (ChatML specials as in
+SmolLM2; GGUF readers parse every token and merge, so SmolLM2's 49,152 tokens cost seconds per read: only the
+tokenizer tests use the real one), saved as a base folder, and LoRA adapters on it (random non-zero factors)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import torch
 import slimtune
 from tests.conftest import randomize_adapters
 
-VOCAB = 49152
+VOCAB = 384  # the tiny tokenizer has fewer tokens: the rest are written as [PAD<id>], as llama.cpp does
+SMOL_VOCAB = 49152
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 TEXT = "The capital of France is Paris.\n  Ünïcödé, tabs\tand 12345 numbers: déjà vu! <|im_start|>user"
 
 
-def tiny_smol_llama(seed: int = 0, tie: bool = True, layers: int = 2):
+def tiny_smol_llama(seed: int = 0, tie: bool = True, layers: int = 2, vocab: int = VOCAB):
     """A tiny LlamaForCausalLM shaped like SmolLM2 (tied embeddings, GQA, the same vocabulary)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5)
@@ -30,6 +34,22 @@ def tiny_smol_llama(seed: int = 0, tie: bool = True, layers: int = 2):
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (345 tokens) trained here, ids 0-2 = SmolLM2's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT, "The quick brown fox jumps over the lazy dog."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>", chat_template=CHATML)
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +84,8 @@ def save_lora(base: Path, folder: Path, seed: int = 1, **cfg) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    return save_base(tmp_path_factory.mktemp("base") / "base", smol_tokenizer)
+def base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_base(tmp_path_factory.mktemp("base") / "base", tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

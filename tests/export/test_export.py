@@ -125,4 +125,4 @@ def test_cli_exports_and_refuses_with_exit_2(base_dir, adapter_dir, tmp_path):
     lines = [line for line in again.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: -o ") and "--overwrite" in lines[0]
     bad = runner.invoke(app, ["export", str(adapter_dir), "--base", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "error: model.name=" in bad.output
+    assert bad.exit_code == 2 and f"error: --base='{tmp_path / 'nope'}': must be" in bad.output

@@ -52,11 +52,22 @@ def resolve_source(source: str | Path, base: str | None = None) -> Source:
         base = base or run.get("name") or _adapter_base(path)
         if base is None:
             raise ExportError(f"--base: required for {str(path)!r} (its {CONFIG_NAME} names no base model)")
+        check_base(base)
         return Source(path, None, base, run.get("quantize", "none"), run.get("dtype", "float32"))
     if (path / "config.json").is_file():
         return Source(None, path, None)
     raise ExportError(f"SOURCE={str(source)!r}: holds neither {CONFIG_NAME} (an adapter), config.json (a model) "
                       "nor config.yaml (a run)")
+
+
+def check_base(base: str) -> None:
+    """Raise ExportError naming --base unless it is the bundled model, a model folder or a .gguf file."""
+    from slimtune.train.model import ModelLoadError, resolve
+
+    try:
+        resolve(base)
+    except ModelLoadError as e:
+        raise ExportError(f"--base={base!r}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def _run_settings(path: Path) -> dict[str, str]:

@@ -126,3 +126,13 @@ def test_cli_exports_and_refuses_with_exit_2(base_dir, adapter_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: -o ") and "--overwrite" in lines[0]
     bad = runner.invoke(app, ["export", str(adapter_dir), "--base", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and f"error: --base='{tmp_path / 'nope'}': must be" in bad.output
+
+
+def test_a_model_folder_exports_as_is(base_dir, tmp_path):
+    """A freeze/full run writes model/ (a plain folder): exported without a base; no adapter to export alone."""
+    result = export(base_dir, tmp_path / "m.gguf", fmt="gguf", dtype="f32")
+    ids = sample_ids()
+    torch.testing.assert_close(logits(read_gguf_model(result.path), ids), logits(load_base(base_dir), ids),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(ExportError, match=r"is a whole model.*--format gguf"):
+        export(base_dir, tmp_path / "l.gguf", fmt="gguf-lora")

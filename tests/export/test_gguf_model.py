@@ -154,3 +154,19 @@ def test_rounding_happens_once_from_float32(model, exported):
     stored = gguf.quants.dequantize(t.data, t.tensor_type).reshape(128, 64)
     want = model.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(stored, want)
+
+
+def test_sentencepiece_style_tokenizer_is_refused(model, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimtune.export import ExportError
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator([TEXT] * 5, trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>"],
+                                                            show_progress=False))
+    spm_like = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    with pytest.raises(ExportError, match=r"tokenizer: SentencePiece-style BPE tokenizers are not supported"):
+        write_gguf(model, spm_like, tmp_path / "m.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []

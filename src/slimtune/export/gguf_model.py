@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slimtune.export import llama
-from slimtune.export.tokenizer import add_tokenizer
+from slimtune.export.tokenizer import add_tokenizer, check_tokenizer
 from slimtune.files.write import atomic_write
 
 
@@ -49,6 +49,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str = 
     """
     llama.check_dtype(dtype)
     llama.check_architecture(model.config)
+    check_tokenizer(tokenizer)
     tensors = gguf_tensors(model, dtype)  # every check and the rounding happen before the file is opened
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ add-bos/eos flags and chat template through ``gguf.SpecialVocab`` reading the sa
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,21 @@ def vocab_entries(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]
 
 
 def check_tokenizer(tokenizer: Any) -> None:
-    """Raise ExportError unless ``tokenizer`` is a fast byte-level BPE tokenizer (what ``gpt2`` means in GGUF)."""
+    """Raise ExportError unless ``tokenizer`` is a fast byte-level BPE tokenizer (what ``gpt2`` means in GGUF).
+
+    A SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral) is GGUF's ``llama`` tokenizer model,
+    which needs scores this writer does not produce yet."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
-    if model != "BPE":
-        raise ExportError(f"tokenizer: {model} tokenizers are not supported in GGUF export yet; a byte-level BPE "
-                          "(GPT-2 style, as SmolLM2 and Llama 3 use) is")
+    if backend is None:
+        raise ExportError(f"tokenizer: {type(tokenizer).__name__} is a slow tokenizer; GGUF export reads a fast "
+                          "(tokenizer.json) byte-level BPE tokenizer")
+    spec = json.loads(backend.to_str())
+    kind = spec["model"]["type"]
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    if kind != "BPE" or not byte_level or spec["model"].get("byte_fallback"):
+        what = kind if kind != "BPE" else "SentencePiece-style BPE"
+        raise ExportError(f"tokenizer: {what} tokenizers are not supported in GGUF export yet; a byte-level BPE "
+                          "(GPT-2 style, as SmolLM2 and Llama 3 use) is; export --format hf instead")
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre: str) -> None:

@@ -12,6 +12,7 @@ import torch
 import slimtune
 from tests.conftest import randomize_adapters
 
+SONNETS = Path(__file__).resolve().parents[2] / "configs" / "train" / "data" / "sonnets.txt"
 VOCAB = 384  # the tiny tokenizer has fewer tokens: the rest are written as [PAD<id>], as llama.cpp does
 SMOL_VOCAB = 49152
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -114,3 +115,16 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def sample_ids(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def rounded(model, dtype: torch.dtype):
+    """A copy of ``model`` with every matrix rounded to ``dtype`` and back (norms stay float32, as GGUF keeps
+    them): what a 16-bit GGUF file holds."""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.dim() > 1:
+                p.copy_(p.to(dtype).float())
+    return out

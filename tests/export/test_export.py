@@ -12,7 +12,7 @@ import slimtune
 from slimtune.cli import app
 from slimtune.export import ExportError, export
 from tests.export.conftest import (
-    load_base, logits, peft_merged, read_gguf_model, sample_ids, save_base, save_lora,
+    load_base, logits, peft_merged, read_gguf_model, sample_ids, save_base,
 )
 
 

@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from slimtune.export import write_gguf
-from tests.export.conftest import SMOL_VOCAB, TEXT, logits, read_gguf_model, sample_ids, tiny_smol_llama
+from tests.export.conftest import SMOL_VOCAB, TEXT, logits, read_gguf_model, rounded, sample_ids, tiny_smol_llama
 
 GGML = gguf.GGMLQuantizationType
-
-
-def rounded(model, dtype: torch.dtype):
-    """``model`` with every matrix rounded to ``dtype`` and back (norms stay float32, as in the file)."""
-    import copy
-
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in out.parameters():
-            if p.dim() > 1:
-                p.copy_(p.to(dtype).float())
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from slimtune.export import export
-from tests.export.conftest import TEXT, read_gguf_model
-from tests.export.test_gguf_model import rounded
-from tests.export.test_run import SONNETS
+from tests.export.conftest import SONNETS, TEXT, read_gguf_model, rounded
 
 pytestmark = pytest.mark.slow
 PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate:"

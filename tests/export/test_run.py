@@ -10,9 +10,7 @@ import torch
 
 from slimtune.export import export
 from slimtune.export.source import load_with_adapter, resolve_source
-from tests.export.conftest import logits, peft_merged, read_gguf_model, sample_ids
-
-SONNETS = Path(__file__).resolve().parents[2] / "configs" / "train" / "data" / "sonnets.txt"
+from tests.export.conftest import SONNETS, load_base, logits, peft_merged, read_gguf_model, sample_ids
 
 
 def train_tiny(base: Path, out: Path, quantize: str) -> Path:
@@ -39,6 +37,4 @@ def test_run_folder_exports_to_gguf_like_the_trained_model(base_dir, tmp_path, q
     torch.testing.assert_close(got, logits(trained, ids), atol=1e-4, rtol=0)
     if quantize == "none":
         torch.testing.assert_close(got, logits(peft_merged(base_dir, run / "adapter"), ids), atol=1e-4, rtol=0)
-    from tests.export.conftest import load_base
-
     assert (got - logits(load_base(base_dir), ids)).abs().max() > 1e-3  # the adapter trained: it changes outputs

@@ -16,7 +16,8 @@ SONNETS = Path(__file__).resolve().parents[2] / "configs" / "train" / "data" / "
 VOCAB = 384  # the tiny tokenizer has fewer tokens: the rest are written as [PAD<id>], as llama.cpp does
 SMOL_VOCAB = 49152
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 TEXT = "The capital of France is Paris.\n  Ünïcödé, tabs\tand 12345 numbers: déjà vu! <|im_start|>user"
 
 

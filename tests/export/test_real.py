@@ -119,7 +119,8 @@ def test_lora_gguf_names_and_shapes_match_the_llama_cpp_base(run, tmp_path):
         ne0, ne1 = base[target]  # (in, out) in GGUF order
         assert shape == ([ne0, 8] if part == "lora_a" else [8, ne1]), name
     text = result.modelfile.read_text()
-    assert f"FROM {(package_dir(SMOLLM2_PACKAGE, '') / SMOLLM2_GGUF).resolve()}" in text and "ADAPTER ./lora.gguf" in text
+    assert f"FROM {(package_dir(SMOLLM2_PACKAGE, '') / SMOLLM2_GGUF).resolve()}" in text
+    assert "ADAPTER ./lora.gguf" in text
 
 
 def test_round_trip_gguf_in_train_gguf_out(tmp_path):

@@ -101,6 +101,13 @@ def test_existing_output_refused_unless_overwrite(base_dir, adapter_dir, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left behind
 
 
+def test_gguf_over_a_folder_is_refused(base_dir, adapter_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=r"-o '.*out': is a folder; a GGUF export writes one file"):
+        export(adapter_dir, tmp_path / "out", base=str(base_dir), overwrite=True)
+    assert (tmp_path / "out").is_dir()
+
+
 def test_missing_source_and_base(tmp_path, adapter_dir):
     with pytest.raises(ExportError, match=r"SOURCE='.*nothing': no such folder"):
         export(tmp_path / "nothing", tmp_path / "m.gguf")

@@ -68,9 +68,9 @@ def export(source: str | Path, out: str | Path, *, base: str | None = None, fmt:
     dtype = dtype or DEFAULT_DTYPE.get(fmt, "f16")
     check_request(fmt, dtype)
     out = Path(out).expanduser()
-    check_output(out, overwrite)
+    check_output(out, overwrite, file=fmt != "hf")
     if fmt != "hf":
-        check_output(modelfile_path(out), overwrite)
+        check_output(modelfile_path(out), overwrite, file=True)
     src = resolve_source(source, base)
     if fmt == "gguf-lora" and src.adapter_dir is None:
         raise ExportError(f"SOURCE={str(source)!r}: is a whole model (freeze/full run); --format gguf-lora needs an "

@@ -10,8 +10,10 @@ class ExportError(ValueError):
     output. The message names the flag or file, the value and what is allowed."""
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Raise ExportError when ``out`` exists and ``overwrite`` is off, or when ``out`` is a folder that would be
-    replaced by a file (or the reverse is asked of it elsewhere)."""
+def check_output(out: Path, overwrite: bool, file: bool) -> None:
+    """Raise ExportError when ``out`` exists and ``overwrite`` is off, or when a file export (``file``) would
+    replace a folder."""
     if out.exists() and not overwrite:
         raise ExportError(f"-o {str(out)!r}: already exists; choose another path or pass --overwrite")
+    if file and out.is_dir():
+        raise ExportError(f"-o {str(out)!r}: is a folder; a GGUF export writes one file (e.g. {out.name}.gguf)")

@@ -121,7 +121,8 @@ def test_tokenizer_metadata_equals_llama_cpp_converters(smol_model, smol_tokeniz
     ours = gguf.GGUFReader(write_gguf(smol_model, smol_tokenizer, tmp_path / "m.gguf", "f16", pre="smollm")).fields
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template"):
+                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
+                "tokenizer.ggml.add_bos_token"):
         assert ours[key].contents() == theirs[key].contents(), key
 
 

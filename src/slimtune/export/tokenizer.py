@@ -74,7 +74,16 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre:
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise ExportError("tokenizer: no BPE merges found in its tokenizer.json; GGUF readers cannot rebuild it")
+    special.add_special_token.update(adds_special(tokenizer))  # stated, not left to each reader's default
     special.add_to_gguf(writer, quiet=True)
+
+
+def adds_special(tokenizer: Any) -> dict[str, bool]:
+    """Whether encoding adds the BOS / EOS token, as observed (``tokenizer.ggml.add_bos_token`` / ``add_eos``):
+    llama.cpp otherwise assumes its own default for the tokenizer type."""
+    ids = tokenizer("a").input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"bos": bos is not None and ids[0] == bos, "eos": eos is not None and ids[-1] == eos}
 
 
 def pre_tokenizer_of(gguf_file: Path | None) -> str:

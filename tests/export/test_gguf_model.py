@@ -63,10 +63,12 @@ def test_quantized_weights_within_one_step(model, exported, dtype, levels):
         if w.dim() < 2:
             assert torch.equal(back[name], w), name
             continue
+        if dtype == "q4_0" and name == "model.embed_tokens.weight":
+            levels = 127  # the tied head stays Q8_0 in 4-bit files
         blocks = w.reshape(-1, 32)
         step = blocks.abs().amax(dim=1, keepdim=True) / levels
         err = (back[name].reshape(-1, 32) - blocks).abs()
-        bound = 0.56 * step if dtype == "q8_0" else 1.01 * step
+        bound = 0.56 * step if levels == 127 else 1.01 * step
         assert bool((err <= bound + 1e-8).all()), name
 
 

@@ -51,6 +51,10 @@ def test_tensor_types_as_llama_cpp_converter():
     assert llama.ggml_type("blk.0.attn_q.weight", (64, 64), Q8) == Q8
     assert llama.ggml_type("blk.0.attn_q.weight.lora_b", (64, 4), Q8) == F16  # rows of 4: no whole Q8_0 block
     assert llama.ggml_type("blk.0.attn_q.weight", (64, 64), F16) == F16
+    Q4 = gguf.GGMLQuantizationType.Q4_0
+    assert llama.ggml_type("blk.0.attn_q.weight", (64, 64), Q4) == Q4
+    assert llama.ggml_type("token_embd.weight", (384, 64), Q4) == Q8  # the (tied) head keeps 8 bits
+    assert llama.ggml_type("output.weight", (384, 64), Q4) == Q8
 
 
 def test_k_quants_are_refused_with_a_way_forward():

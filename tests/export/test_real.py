@@ -78,10 +78,11 @@ def test_hf_folder(run, ids, oracle, tmp_path):
     assert diff < 1e-4
 
 
-# tolerance per dtype against PEFT's merge: f32 exact-ish; f16/bf16 against the merge rounded the same way;
-# q8_0 / q4_0 against the float32 merge (documented in docs/design/export.md)
-TOLERANCE = {"f32": ("f32", 1e-4), "f16": ("f16", 1e-3), "bf16": ("bf16", 1e-3), "q8_0": ("f32", 0.5),
-             "q4_0": ("f32", 8.0)}
+# tolerance per dtype against PEFT's merge (documented in docs/design/export.md): f32 1e-4; f16/bf16 1e-3
+# against the merge with its matrices rounded the same way; q8_0 / q4_0 against the float32 merge: the largest
+# logit difference as a share of the logits' range, and how often the next-token choice agrees
+TOLERANCE = {"f32": ("f32", 1e-4), "f16": ("f16", 1e-3), "bf16": ("bf16", 1e-3)}
+QUANTIZED = {"q8_0": (0.05, 0.85), "q4_0": (0.5, 0.5)}  # (max |diff| / range, top-1 agreement at least)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0", "f32", "bf16", "q4_0"])
@@ -91,10 +92,16 @@ def test_gguf_reads_back_in_transformers(run, ids, oracle, tmp_path, dtype):
     result = export(run, tmp_path / f"smol-{dtype}.gguf", fmt="gguf", dtype=dtype)
     with torch.no_grad():
         got = read_gguf_model(result.path)(ids).logits
-    ref, tol = TOLERANCE[dtype]
-    diff = (got - oracle[ref]).abs().max().item()
-    report(f"gguf {dtype} (vs PEFT merge {ref})", result.size_bytes, diff)
-    assert diff < tol
+    ref, tol = TOLERANCE.get(dtype, ("f32", None))
+    want = oracle[ref]
+    diff = (got - want).abs().max().item()
+    share, agree = diff / (want.max() - want.min()).item(), (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    report(f"gguf {dtype} (vs PEFT merge {ref}); diff/range {share:.3f}, top-1 agreement {agree:.2f}",
+           result.size_bytes, diff)
+    if tol is not None:
+        assert diff < tol
+    else:
+        assert share <= QUANTIZED[dtype][0] and agree >= QUANTIZED[dtype][1]
     if dtype == "f16":  # the next-token choice survives
         assert torch.equal(got[0].argmax(-1), oracle["f32"][0].argmax(-1))
         tok = AutoTokenizer.from_pretrained(result.path.parent, gguf_file=result.path.name)

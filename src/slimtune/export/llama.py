@@ -106,11 +106,19 @@ def gguf_name(hf_name: str, config: Any) -> str | None:
     return name
 
 
+# the output head (and token_embd, which doubles as it when tied) is the most sensitive matrix: llama-quantize
+# keeps it at 6 bits in 4-bit files; with no NumPy Q6_K, 4-bit exports keep it in Q8_0
+HEAD_TENSORS = ("output.weight", "token_embd.weight")
+FOUR_BIT = (gguf.GGMLQuantizationType.Q4_0,)
+
+
 def ggml_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
     """llama.cpp's converter rule: 1-D tensors and norms F32; a quantized type needs whole blocks per row
-    (the last dimension), else F16."""
+    (the last dimension), else F16. In 4-bit files the head and embedding stay Q8_0."""
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return gguf.GGMLQuantizationType.F32
+    if wanted in FOUR_BIT and name in HEAD_TENSORS:
+        wanted = gguf.GGMLQuantizationType.Q8_0
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     return wanted if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from slimtune.cli_errors import exit_2_on_bad_input, run_or_exit_2
+from slimtune.export.commands import register as register_export_commands
 from slimtune.inspect.commands import register as register_inspect_commands
 from slimtune.memory.commands import register as register_memory_commands
 
@@ -88,6 +89,7 @@ def version() -> None:
 
 register_memory_commands(app)  # estimate, plan
 register_inspect_commands(app)  # inspect, compress, extract, report
+register_export_commands(app)  # export
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -127,6 +127,28 @@ def estimate_for(cfg: RunConfig, arch: Architecture, batch: int, checkpointing: 
     return estimate(arch, *estimator_inputs(cfg, batch, checkpointing, device))
 
 
+def lora_dropout_bytes(cfg: RunConfig, arch: Architecture, batch: int, checkpointing: bool, device: str) -> float:
+    """Bytes of LoRA's dropout keep-masks, which the estimator leaves out (it models dropout 0): on CPU,
+    slimtune's ``LoraLinearFn`` keeps a 1-byte (tokens, d_in) mask per adapted linear (on CUDA it re-draws the
+    mask in backward and keeps nothing). Every block keeps its masks; under checkpointing only the block being
+    recomputed does. 0 for other methods, dropout 0, or CUDA."""
+    from slimtune.memory.arch import targeted_linears
+
+    a = cfg.adapter
+    if device != "cpu" or not isinstance(a, LoraConfig) or a.use_dora or a.dropout == 0:
+        return 0.0
+    # targeted_linears lists the adapted linears of every block (the output head is never adapted)
+    all_d_in = sum(s.d_in for s in targeted_linears(arch, estimator_method(cfg).targets))
+    tokens = batch * cfg.data.max_length
+    return float(tokens * all_d_in / (arch.layers if checkpointing else 1))
+
+
+def step_bytes(cfg: RunConfig, arch: Architecture, batch: int, checkpointing: bool, device: str) -> float:
+    """The residents of one micro-batch: the estimator's four components plus LoRA's CPU dropout masks."""
+    return (estimate_for(cfg, arch, batch, checkpointing, device).total
+            + lora_dropout_bytes(cfg, arch, batch, checkpointing, device))
+
+
 def reserve_for(device: str) -> float:
     """Bytes of the budget that are not the step's tensors: the CUDA context, or the CPU runtime."""
     return RESERVE_BYTES if device == "cuda" else CPU_RESERVE_BYTES
@@ -148,13 +170,12 @@ def choose_fit(cfg: RunConfig, arch: Architecture, capacity: float, device: str 
     reserve = reserve_for(device)
     for ckpt in ((True,) if cfg.train.grad_checkpointing else (False, True)):
         for batch in divisors(cfg.effective_batch):
-            e = estimate_for(cfg, arch, batch, ckpt, device)
+            total = step_bytes(cfg, arch, batch, ckpt, device)
             transient = transient_bytes(arch, batch, cfg.data.max_length)
-            if e.total + transient + reserve <= capacity:
-                return FitChoice(batch, cfg.effective_batch // batch, ckpt, e.total, transient, reserve, capacity,
+            if total + transient + reserve <= capacity:
+                return FitChoice(batch, cfg.effective_batch // batch, ckpt, total, transient, reserve, capacity,
                                  budget)
-    e = estimate_for(cfg, arch, 1, True, device)
-    need = e.total + transient_bytes(arch, 1, cfg.data.max_length) + reserve
+    need = step_bytes(cfg, arch, 1, True, device) + transient_bytes(arch, 1, cfg.data.max_length) + reserve
     method, precision, _ = estimator_inputs(cfg, 1, True, device)
     recipe = Recipe(method.name, precision.base_dtype(method.name), method.rank, precision.optimizer)
     raise NothingFits(nothing_fits(
@@ -208,8 +229,7 @@ def resolve_auto(cfg: RunConfig, device: str = "cpu", recorded: dict[str, Any] |
     capacity, budget = budget_bytes(cfg.train.memory, device)
     if recorded and isinstance(recorded.get("batch_size"), int):
         batch, ckpt = recorded["batch_size"], bool(recorded.get("grad_checkpointing"))
-        e = estimate_for(cfg, arch, batch, ckpt, device)
-        choice = FitChoice(batch, int(recorded.get("grad_accum", 1)), ckpt, e.total,
+        choice = FitChoice(batch, int(recorded.get("grad_accum", 1)), ckpt, step_bytes(cfg, arch, batch, ckpt, device),
                            transient_bytes(arch, batch, cfg.data.max_length), reserve_for(device), capacity,
                            budget + ", as recorded by the interrupted run")
     else:

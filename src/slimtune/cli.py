@@ -86,6 +86,7 @@ def version() -> None:
 
 
 register_memory_commands(app)  # estimate, plan
+__import__("slimtune.sweep.commands").sweep.commands.register(app)  # sweep
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -13,6 +13,7 @@ import typer
 
 from slimtune.cli_errors import exit_2_on_bad_input, run_or_exit_2
 from slimtune.memory.commands import register as register_memory_commands
+from slimtune.sweep.commands import register as register_sweep_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune large models on small hardware: LoRA, QLoRA and friends.")
@@ -86,7 +87,7 @@ def version() -> None:
 
 
 register_memory_commands(app)  # estimate, plan
-__import__("slimtune.sweep.commands").sweep.commands.register(app)  # sweep
+register_sweep_commands(app)  # sweep
 
 
 def main() -> None:  # pragma: no cover - console entry point

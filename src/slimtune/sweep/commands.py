@@ -11,7 +11,7 @@ def sweep_command(
     config: str = typer.Argument(..., help="the run config (YAML) every run starts from"),
     grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2,...; more axes may follow as arguments: "
                                    "--grid adapter.r=4,8 train.lr=1e-4,3e-4; brackets hold a list value: "
-                                   "adapter.target_modules=[q_proj,v_proj],all-linear"),
+                                   "adapter.target_modules=\\[q_proj,v_proj],all-linear"),
     axes: list[str] = typer.Argument(None, help="more axes (key.path=v1,v2,...)"),
     budget_steps: int = typer.Option(None, "--budget-steps", min=1, help="train.max_steps of every run (a short "
                                      "search; the best is then trained in full)"),

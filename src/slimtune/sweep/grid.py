@@ -82,6 +82,7 @@ def combinations(axes: Sequence[Axis]) -> list[dict[str, str]]:
 
 
 def run_name(index: int, combo: dict[str, str]) -> str:
-    """A folder name: ``003-r=16-lr=3e-4`` (the last key component; characters unsafe in paths become _)."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo.items()]
+    """A folder name: ``003-r=16-lr=3e-4``, ``001-target_modules=q_proj+v_proj`` (the last key component; a list's
+    items joined by +; other characters unsafe in paths become _)."""
+    parts = [f"{k.rsplit('.', 1)[-1]}={re.sub(r'[][{} ]', '', v).replace(',', '+')}" for k, v in combo.items()]
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", f"{index:03d}-" + "-".join(parts))[:120]

@@ -34,6 +34,7 @@ def plot_sweep(axes: Sequence[Axis], rows: Sequence[dict[str, Any]], best: int |
         ax.set_xlim(-0.5, len(axis.texts) - 0.5)
         ax.set_xlabel(axis.key)
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)  # plain losses, not "+1.08e1" offsets
     panels[0].set_ylabel(label)
     panels[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"sweep: {len(rows)} runs, {label.split(' (')[0]} by swept value")

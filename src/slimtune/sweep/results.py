@@ -77,12 +77,12 @@ def best_index(rows: Sequence[dict[str, Any]]) -> int | None:
     return min(accs)[1] if accs else None
 
 
-def _cell(v: Any) -> str:
+def _cell(column: str, v: Any) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+    if isinstance(v, float) and column in METRICS:
+        return f"{v:.4f}" if column in ("eval_loss", "accuracy") else f"{v:,.1f}"
+    return f"{v:,}" if isinstance(v, int) and column in METRICS else str(v)
 
 
 def results_markdown(axes: Sequence[Axis], rows: Sequence[dict[str, Any]]) -> str:
@@ -91,7 +91,7 @@ def results_markdown(axes: Sequence[Axis], rows: Sequence[dict[str, Any]]) -> st
     cols = ["run", *(a.key for a in axes), *METRICS]
     lines = ["| " + " | ".join(cols) + " | best |", "|" + "---|" * (len(cols) + 1)]
     for i, r in enumerate(rows):
-        lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in cols)
+        lines.append("| " + " | ".join(_cell(c, r.get(c)).replace("|", "\\|") for c in cols)
                      + f" | {'**best**' if i == best else ''} |")
     lines += ["", "accuracy: eval_accuracy (classification) or exact match of the held-out answers; est_peak_mib: "
               "slimtune.memory's estimate of one step's tensors; measured_peak_mib: the run process's peak resident "

@@ -25,7 +25,12 @@ RESULT = "result.json"
 
 
 class SweepError(ValueError):
-    """A sweep that cannot start: a combination whose run config is invalid (every problem, named by run)."""
+    """A sweep that cannot start: combinations whose run configs are invalid; ``issues`` lists every problem as
+    ``run NAME: problem``, one per line of the message."""
+
+    def __init__(self, issues: Sequence[str]) -> None:
+        self.issues: tuple[str, ...] = tuple(issues)
+        super().__init__("\n".join(self.issues))
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def plan_runs(config: str | None, axes: Sequence[Axis], budget_steps: int | None
         except RunConfigError as e:
             issues += [f"run {name}: {issue}" for issue in e.issues]
     if issues:
-        raise SweepError("\n".join(issues))
+        raise SweepError(issues)
     return sweep_dir, runs
 
 

@@ -188,3 +188,16 @@ def test_default_run_at_2gb_measures_within_budget(tmp_path):
                             prepared=True)
     assert measured.total + choice.transient + choice.reserve <= choice.capacity
     assert abs(measured.total - choice.estimate) <= 0.10 * choice.estimate, (measured.as_dict(), choice)
+
+
+def test_an_architecture_the_estimator_does_not_know_is_a_named_error(tmp_path):
+    from slimtune.train.run import RunError, train
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "mamba", "hidden_size": 64}')
+    cfg = run_config_from_dict({"model": {"name": str(tmp_path / "m")}, "train": {"batch_size": "auto"},
+                                "output_dir": str(tmp_path / "run")})
+    with pytest.raises(RunError) as info:
+        train(cfg, log=lambda line: None)
+    assert str(info.value).startswith("train.batch_size='auto': cannot estimate this model's memory: model_type=")
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ from slimtune.train.config import RunConfig, save_run_config
 from slimtune.train.datasets import RunData, build_run_data
 from slimtune.train.fit import NothingFits, recorded_train, resolve_auto
 from slimtune.train.loop import LoopConfig, train_loop
-from slimtune.train.model import DTYPES, enable_checkpointing, load_model, load_tokenizer
+from slimtune.train.model import DTYPES, ModelLoadError, enable_checkpointing, load_model, load_tokenizer
 from slimtune.train.sampler import EpochSampler
 from slimtune.train.schedule import make_scheduler
 
@@ -137,6 +137,10 @@ def _fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]
         cfg, choice = resolve_auto(cfg, "cpu", recorded_train(run_dir) if resume else None)
     except NothingFits as e:
         raise RunError(str(e)) from None
+    except ModelLoadError:
+        raise
+    except ValueError as e:  # an architecture the estimator does not know: say which field asked for it
+        raise RunError(f"train.batch_size='auto': cannot estimate this model's memory: {e}; give a number") from None
     if choice is not None:
         log(choice.describe())
     return cfg

@@ -201,3 +201,30 @@ def test_an_architecture_the_estimator_does_not_know_is_a_named_error(tmp_path):
         train(cfg, log=lambda line: None)
     assert str(info.value).startswith("train.batch_size='auto': cannot estimate this model's memory: model_type=")
     assert not (tmp_path / "run").exists()
+
+
+def test_slimtune_train_prints_the_choice_and_records_the_numbers(tmp_path):
+    """The user's path: `slimtune train ... train.batch_size=auto` prints the choice and the estimated peak, trains
+    with it, and config.yaml records the chosen numbers (what a --resume re-reads)."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+    from tests.sweep.conftest import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    rows = [{"text": f"line {i}: the quick brown fox jumps over the lazy dog"} for i in range(16)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", f"model.name={folder}", f"data.train={tmp_path / 't.jsonl'}",
+                                      "data.format=text", "data.max_length=32", "data.packing=false",
+                                      "train.max_steps=1", "train.eval_every=null", "train.batch_size=auto",
+                                      "train.effective_batch=4", "train.memory=64GB", f"output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("auto-fit:"))
+    assert line.startswith("auto-fit: batch_size 4 x grad_accum 1 (effective batch 4), gradient checkpointing off; "
+                           "estimated peak ") and "(train.memory=64GB)" in line
+    train = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (train["batch_size"], train["grad_accum"], train["memory"]) == (4, 1, None)

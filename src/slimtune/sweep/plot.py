@@ -36,6 +36,7 @@ def plot_sweep(axes: Sequence[Axis], rows: Sequence[dict[str, Any]], best: int |
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)  # plain losses, not "+1.08e1" offsets
     panels[0].set_ylabel(label)
-    panels[0].legend(loc="best", fontsize=8)
+    handles, labels = panels[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"sweep: {len(rows)} runs, {label.split(' (')[0]} by swept value")
     return fig

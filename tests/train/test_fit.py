@@ -132,8 +132,8 @@ def test_nothing_fits_says_how_much_more_in_plans_words(tiny_folder):
                      r"64 tokens\) needs ([\d.]+) GiB, ([\d.]+) GiB more than you have \(train\.memory=0\.27GB\)\. "
                      r"Use a shorter data\.max_length, .*", msg)
     assert m, msg
-    assert float(m.group(1)) == round(need / 2**30, 1)
-    assert float(m.group(2)) == round((need - capacity) / 2**30, 1)
+    assert float(m.group(1)) == round(need / 2**30, 2)
+    assert float(m.group(2)) == round((need - capacity) / 2**30, 2)
 
 
 def test_resolved_config_has_numbers_and_a_resume_keeps_the_recorded_choice(tiny_folder):

@@ -127,9 +127,11 @@ def plan(model: ModelLike, capacity: float, seq: int = 2048, targets: tuple[str,
 def nothing_fits(smallest: str, need: float, capacity: float, have: str, advice: str) -> str:
     """The refusal ``slimtune plan`` and ``train.batch_size: auto`` share: ``Nothing fits. The smallest recipe
     (SMALLEST) needs X GiB, Y GiB more than HAVE. ADVICE`` (``need`` and ``capacity`` in bytes)."""
-    gib = 2**30
-    return (f"Nothing fits. The smallest recipe ({smallest}) needs {need / gib:.1f} GiB, "
-            f"{(need - capacity) / gib:.1f} GiB more than {have}. {advice}")
+    def gib(b: float) -> str:  # two decimals below 10 GiB, so a small shortfall never reads "0.0 GiB more"
+        return f"{b / 2**30:.{2 if b < 10 * 2**30 else 1}f} GiB"
+
+    return f"Nothing fits. The smallest recipe ({smallest}) needs {gib(need)}, {gib(need - capacity)} more than " \
+           f"{have}. {advice}"
 
 
 def plan_table(p: Plan, gpu: str) -> str:

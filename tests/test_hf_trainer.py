@@ -71,3 +71,53 @@ def test_trains_under_hf_trainer_bf16(name, tmp_path):
     slimtune.load_adapter(fresh, tmp_path / "adapter")
     trained, loaded = adapter_tensors(model), adapter_tensors(fresh)
     assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+
+
+def _trainer(model, out_dir, callbacks, **extra):
+    from transformers import Trainer, TrainingArguments
+
+    ids = tokens(batch=16, seq=16, seed=3)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                             use_cpu=True, report_to=[], logging_steps=1, disable_tqdm=True,
+                             dataloader_num_workers=0, seed=0, **extra)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("name", ["lora-dropout", "dora-dropout", "qlora"])
+def test_checkpointing_bf16_and_save_strategy_write_adapters_peft_loads(name, tmp_path):
+    """gradient_checkpointing=True + bf16=True + save_strategy='steps': every checkpoint-N/ holds the adapter as
+    it was at step N, and PEFT's PeftModel.from_pretrained(base, checkpoint) gives slimtune's logits."""
+    from peft import PeftModel
+
+    from slimtune.train.hf import SaveAdapterCallback
+
+    case = CASES[name]
+    model = _model(case)
+    slimtune.prepare(model, case["config"])
+    trainer = _trainer(model, tmp_path / "run", [SaveAdapterCallback()], bf16=True, gradient_checkpointing=True,
+                       save_strategy="steps", save_steps=2)
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert model.is_gradient_checkpointing
+
+    final, mid = tmp_path / "run" / "checkpoint-4", tmp_path / "run" / "checkpoint-2"
+    for ckpt in (mid, final):
+        assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved, earlier = load_file(final / "adapter_model.safetensors"), load_file(mid / "adapter_model.safetensors")
+    assert saved.keys() == earlier.keys() and any(not torch.equal(saved[k], earlier[k]) for k in saved)
+    assert sorted(adapter_tensors(model)) == sorted(saved)  # the trained adapter, all of it
+    assert all(torch.equal(adapter_tensors(model)[k].cpu(), saved[k]) for k in saved)
+
+    # PEFT wraps nn.Linear only (not slimtune's Linear4bit): a QLoRA adapter is loaded onto the unquantized base
+    def base():
+        return _model({**case, "nf4": False})
+
+    ids = tokens(batch=2, seq=16, seed=9)
+    ours = base()
+    slimtune.load_adapter(ours, final)
+    peft_model = PeftModel.from_pretrained(base(), str(final)).eval()
+    with torch.no_grad():
+        want, got = ours.eval()(ids).logits, peft_model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

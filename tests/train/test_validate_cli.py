@@ -55,7 +55,7 @@ def test_four_errors_are_four_lines_each_naming_the_file(tmp_path):
     assert lines == [f"error: {path}: trian: unknown section; did you mean train?",
                      f"error: {path}: data.format='xml': must be one of alpaca, chat, text, classification",
                      f"error: {path}: train.lr=-1: must be a positive number",
-                     f"error: {path}: train.batch_size=0: must be a positive integer"]
+                     f"error: {path}: train.batch_size=0: must be a positive integer or auto"]
 
 
 # one YAML per kind of issue: the line the CLI prints (after "error: FILE: ")

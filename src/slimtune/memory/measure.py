@@ -294,8 +294,11 @@ def _optimizer(params: list, precision: Precision) -> "torch.optim.Optimizer":
 
 
 def measure_step(model: "nn.Module", method: Method, precision: Precision, workload: Workload,
-                 steps: int = 1) -> Measured:
+                 steps: int = 1, prepared: bool = False) -> Measured:
     """Prepare ``model`` for ``method`` and run ``steps`` training steps; return the last step's bytes.
+
+    ``prepared``: the model already holds what trains (e.g. ``slimtune.prepare`` with a run's own adapter
+    config, dropout included); it is only moved to the device.
 
     The model must be a Hugging Face model taking ``input_ids`` and ``labels``. Raises ValueError for
     settings this machine cannot train (fp32 master weights, 8-bit optimizers, a CUDA workload on a
@@ -309,7 +312,7 @@ def measure_step(model: "nn.Module", method: Method, precision: Precision, workl
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': CUDA is not available on this machine")
     _check_positions(model, method, workload)
-    model = prepare(model, method, precision).to(device).train()
+    model = (model if prepared else prepare(model, method, precision)).to(device).train()
     model.config._attn_implementation = workload.attention
     if workload.checkpointing:
         _enable_checkpointing(model)

@@ -124,6 +124,16 @@ def plan(model: ModelLike, capacity: float, seq: int = 2048, targets: tuple[str,
     return Plan(name, capacity, seq, tuple(fits), smallest)
 
 
+def nothing_fits(smallest: str, need: float, capacity: float, have: str, advice: str) -> str:
+    """The refusal ``slimtune plan`` and ``train.batch_size: auto`` share: ``Nothing fits. The smallest recipe
+    (SMALLEST) needs X GiB, Y GiB more than HAVE. ADVICE`` (``need`` and ``capacity`` in bytes)."""
+    def gib(b: float) -> str:  # two decimals below 10 GiB, so a small shortfall never reads "0.0 GiB more"
+        return f"{b / 2**30:.{2 if b < 10 * 2**30 else 1}f} GiB"
+
+    return f"Nothing fits. The smallest recipe ({smallest}) needs {gib(need)}, {gib(need - capacity)} more than " \
+           f"{have}. {advice}"
+
+
 def plan_table(p: Plan, gpu: str) -> str:
     """The ranked fits with headroom, or a plain sentence when nothing fits."""
     gib = 2**30
@@ -131,10 +141,9 @@ def plan_table(p: Plan, gpu: str) -> str:
             f"context), seq {p.seq}")
     if not p.fits:
         s = p.smallest
-        need = s.total + s.transient + RESERVE_BYTES
-        return (f"{head}\nNothing fits. The smallest recipe ({s.recipe.label()}, batch 1, gradient checkpointing) "
-                f"needs {need / gib:.1f} GiB, {(need - p.capacity) / gib:.1f} GiB more than this card has. "
-                "Use a shorter --seq, or a card with more memory.")
+        return f"{head}\n" + nothing_fits(f"{s.recipe.label()}, batch 1, gradient checkpointing",
+                                           s.total + s.transient + RESERVE_BYTES, p.capacity, "this card has",
+                                           "Use a shorter --seq, or a card with more memory.")
     lines = [head, f"{'#':>2}  {'recipe':<28}{'batch':>6}  {'checkpointing':<14}{'estimate':>11}{'headroom':>11}"]
     for i, fit in enumerate(p.fits, 1):
         lines.append(f"{i:>2}  {fit.recipe.label():<28}{fit.batch:>6}  {'yes' if fit.checkpointing else 'no':<14}"

@@ -36,6 +36,8 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "offload")
 DEFAULT_MAX_STEPS = 100  # when neither train.max_steps nor train.epochs is given
+DEFAULT_EFFECTIVE_BATCH = 8  # train.batch_size: auto without train.effective_batch
+AUTO = "auto"  # train.batch_size: auto (slimtune.train.fit picks the micro-batch)
 SECTIONS = ("model", "quantize", "adapter", "data", "train", "output_dir")
 QUANTIZABLE_METHODS = ("lora", "dora", "bottleneck", "prompt")  # freeze/full train the base, which nf4 freezes
 
@@ -52,13 +54,33 @@ class RunConfigError(ValueError):
         super().__init__("\n".join(f"{self.source}: {i}" if self.source else i for i in self.issues))
 
 
+def batch_size_check(value: Any) -> tuple[Any, str | None]:
+    """A positive integer, or ``auto`` (the micro-batch that fits train.memory, chosen before the model loads)."""
+    if value == AUTO:
+        return value, None
+    v, why = positive_int(value)
+    return (v, None) if why is None else (value, "must be a positive integer or auto")
+
+
+def memory_size(value: Any) -> tuple[Any, str | None]:
+    """A memory budget such as ``8GB`` (1e9 bytes) or ``8GiB``, or a card name (``rtx-4090``), kept as written."""
+    from slimtune.memory.presets import GPUS, gpu_bytes
+
+    try:
+        ok = isinstance(value, str) and gpu_bytes(value) > 0
+    except ValueError:
+        ok = False
+    return (value, None) if ok else (value, f"must be a size such as 8GB or 8GiB, or a card ({', '.join(GPUS)})")
+
+
 MODEL_FIELDS: dict[str, Checker] = {"name": text, "dtype": choice(DTYPES)}
 DATA_FIELDS: dict[str, Checker] = {
     "train": optional(data_path), "eval": optional(data_path), "eval_fraction": fraction,
     "general": optional(text), "format": choice(FORMATS), "max_length": positive_int, "packing": boolean,
     "skip_bad_rows": boolean, "text_field": text, "label_field": text, "messages_field": text}
 TRAIN_FIELDS: dict[str, Checker] = {
-    "max_steps": optional(positive_int), "epochs": optional(positive), "batch_size": positive_int,
+    "max_steps": optional(positive_int), "epochs": optional(positive), "batch_size": batch_size_check,
+    "memory": optional(memory_size), "effective_batch": optional(positive_int),
     "grad_accum": positive_int, "lr": positive, "scheduler": choice(SCHEDULERS), "warmup": warmup,
     "weight_decay": non_negative, "max_grad_norm": optional(positive),
     "precision": choice(PRECISIONS), "grad_checkpointing": boolean, "optimizer": choice(OPTIMIZERS),
@@ -76,6 +98,16 @@ def train_rules(t: Mapping[str, Any]) -> list[str]:
     warmup = t.get("warmup")
     if isinstance(warmup, int) and steps is not None and warmup >= steps:
         issues.append(f"train.warmup={warmup!r}: must be fewer steps than train.max_steps={steps!r}")
+    auto, accum, effective = t.get("batch_size") == AUTO, t.get("grad_accum"), t.get("effective_batch")
+    if auto and accum not in (None, 1):
+        issues.append(f"train.grad_accum={accum!r}: chosen by train.batch_size: auto (to keep "
+                      f"train.effective_batch); remove it, or give a number for train.batch_size")
+    if not auto and effective is not None:
+        issues.append(f"train.effective_batch={effective!r}: only read with train.batch_size: auto; with "
+                      f"train.batch_size={t.get('batch_size')!r} the effective batch is batch_size x grad_accum")
+    if not auto and t.get("memory") is not None:
+        issues.append(f"train.memory={t.get('memory')!r}: only read with train.batch_size: auto (the budget it "
+                      "fits); remove it, or set train.batch_size: auto")
     return issues
 
 
@@ -146,7 +178,9 @@ class TrainSection:
 
     max_steps: int | None = None
     epochs: float | None = None
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto": slimtune.train.fit chooses it and grad_accum within `memory`
+    memory: str | None = None  # auto's budget: "8GB"; None = free device memory / available RAM
+    effective_batch: int | None = None  # auto keeps this many examples per step (None: 8)
     grad_accum: int = 1
     lr: float = 2e-4
     scheduler: str = "cosine"
@@ -230,7 +264,9 @@ class RunConfig:
 
     @property
     def effective_batch(self) -> int:
-        """Examples (or packed rows) per optimizer step: batch_size * grad_accum."""
+        """Examples (or packed rows) per optimizer step: batch_size * grad_accum (auto: train.effective_batch)."""
+        if self.train.batch_size == AUTO:
+            return self.train.effective_batch or DEFAULT_EFFECTIVE_BATCH
         return self.train.batch_size * self.train.grad_accum
 
 
@@ -400,7 +436,9 @@ def describe(cfg: RunConfig) -> str:
     base = f"{cfg.model.name} ({cfg.model.dtype}{', nf4 4-bit base' if cfg.quantize == 'nf4' else ''})"
     data = d.train if d.train is not None else "the bundled BBC News set"
     length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.max_steps} steps"
+    batch = (f"batch_size auto x grad_accum auto, within {t.memory or 'the free memory'}" if t.batch_size == AUTO
+             else f"batch_size {t.batch_size} x grad_accum {t.grad_accum}")
     return (f"Fine-tunes {base} with {describe_adapter(cfg.adapter)}. Data: {data}, {d.format} format, "
             f"max_length {d.max_length}, {'packed' if d.packing else 'padded'}. Runs {length} of effective batch "
-            f"{cfg.effective_batch} (batch_size {t.batch_size} x grad_accum {t.grad_accum}); lr {t.lr:g} "
+            f"{cfg.effective_batch} ({batch}); lr {t.lr:g} "
             f"{t.scheduler}, {t.optimizer}, {t.precision}, seed {t.seed}. Writes {cfg.output_dir}.")

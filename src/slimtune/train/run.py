@@ -25,8 +25,9 @@ from slimtune.train import evaluate as ev
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
 from slimtune.train.config import RunConfig, save_run_config
 from slimtune.train.datasets import RunData, build_run_data
+from slimtune.train.fit import NothingFits, recorded_train, resolve_auto
 from slimtune.train.loop import LoopConfig, train_loop
-from slimtune.train.model import DTYPES, enable_checkpointing, load_model, load_tokenizer
+from slimtune.train.model import DTYPES, ModelLoadError, enable_checkpointing, load_model, load_tokenizer
 from slimtune.train.sampler import EpochSampler
 from slimtune.train.schedule import make_scheduler
 
@@ -76,6 +77,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     """
     run_dir = Path(cfg.output_dir)
     _check_start(cfg, run_dir, resume)
+    cfg = _fit(cfg, run_dir, resume, log)  # train.batch_size: auto -> numbers, before anything heavy loads
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
     _seed_everything(cfg.train.seed)
@@ -126,6 +128,22 @@ def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
     if target.exists():  # written by an earlier end of this run (a resumed run ends again): replaced
         shutil.rmtree(target)
     return save_pretrained_atomic(model, target, tokenizer)
+
+
+def _fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunConfig:
+    """Resolve ``train.batch_size: auto`` from the model's config alone and print the choice; RunError when
+    nothing fits. The model stays on the CPU it loads on, so the budget is the CPU's."""
+    try:
+        cfg, choice = resolve_auto(cfg, "cpu", recorded_train(run_dir) if resume else None)
+    except NothingFits as e:
+        raise RunError(str(e)) from None
+    except ModelLoadError:
+        raise
+    except ValueError as e:  # an architecture the estimator does not know: say which field asked for it
+        raise RunError(f"train.batch_size='auto': cannot estimate this model's memory: {e}; give a number") from None
+    if choice is not None:
+        log(choice.describe())
+    return cfg
 
 
 def _check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:

@@ -1,0 +1,1 @@
+"""``slimtune sweep``: every combination of a grid of run-config values, resumable, with a results table and plot."""

@@ -165,7 +165,7 @@ def wrap_ddp(model: nn.Module, world: World) -> nn.Module:
         for p in trainable_parameters(model):
             dist.broadcast(p.data, src=0)
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, init_sync=False, forward_sync_buffers=False)
 
 
 def shard_base(model: nn.Module, world: World) -> int:
@@ -193,3 +193,18 @@ def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def torchrun_command(nproc: int, args: Sequence[str], python: str | None = None) -> list[str]:
+    """The command ``slimtune train --nproc N`` execs: torchrun (``python -m torch.distributed.run``) on this
+    machine (``--standalone``: a local rendezvous on a free port) running ``python -m slimtune *args`` in
+    ``nproc`` processes. Raises DistributedError for an ``nproc`` below 1, or when already under torchrun."""
+    import sys
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise DistributedError(f"--nproc={nproc!r}: must be an integer >= 1 (processes on this machine)")
+    if any(k in os.environ for k in ENV_VARS):
+        raise DistributedError(f"--nproc={nproc}: this process already runs under torchrun (RANK is set); "
+                               "leave --nproc out there")
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc), "-m", "slimtune", *args]

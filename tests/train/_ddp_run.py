@@ -1,0 +1,88 @@
+"""A tiny training run through train_loop on one process or, under torchrun, several (the distributed tests).
+
+    python -m tests.train._ddp_run RUN_DIR [--steps 8] [--grad-accum 1] [--save-every 4] [--dropout 0] [--fsdp]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.train._ddp_run RUN_DIR ...
+
+Tiny Llama + LoRA on fixed token rows whose batches depend only on their indices (no RNG: the same global batch
+makes the same micro-batches whatever the number of processes), with a different number of masked labels per
+row, so the ranks of a step hold different trained-token counts. Resumes from ``latest_checkpoint(RUN_DIR)``;
+rank 0 prints ``step N`` per step; every rank writes its final trainable tensors to
+``RUN_DIR/final.rank<r>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import slimtune
+from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
+from slimtune.train.distributed import process_group, shard_base, world_from_env, wrap_ddp
+from slimtune.train.loop import LoopConfig, train_loop
+from slimtune.train.sampler import EpochSampler
+from slimtune.train.schedule import make_scheduler
+from tests.conftest import tiny_llama
+
+ROWS, SEQ, BATCH = 24, 12, 2
+DATA = torch.randint(0, 128, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+    """Rows ``indices`` (B, SEQ); row i has its first ``i * 5 % 9`` labels masked (-100)."""
+    ids = DATA[indices]
+    labels = ids.clone()
+    for row, i in enumerate(indices):
+        labels[row, :i * 5 % 9] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: float, fsdp: bool) -> None:
+    world = world_from_env()
+    with process_group(world):
+        model = tiny_llama()
+        slimtune.inject(model, slimtune.LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+        torch.manual_seed(0)
+        with torch.no_grad():  # B != 0 from the start, so every LoRA tensor gets a gradient at step 1
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+        if fsdp:
+            shard_base(model, world)
+        net = wrap_ddp(model, world)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                      weight_decay=0.01)
+        scheduler = make_scheduler(optimizer, total=steps, warmup=2, kind="cosine")
+        sampler = EpochSampler(ROWS, BATCH, seed=3)
+        start = 0
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model=model, adapter_name="default", optimizer=optimizer,
+                                    scheduler=scheduler, sampler=sampler, world=world)["step"]
+        cfg = LoopConfig(max_steps=steps, grad_accum=grad_accum, max_grad_norm=1.0, precision="fp32", log_every=1,
+                         save_every=save_every, keep_last=2)
+        train_loop(model, optimizer, scheduler, sampler, make_batch, cfg, run_dir, start_step=start,
+                   log=lambda r: print(f"step {r['step']}", flush=True), world=world, net=net)
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(run_dir / f"final.rank{world.rank}.safetensors"))
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--save-every", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--fsdp", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    run(args.run_dir, args.steps, args.grad_accum, args.save_every, args.dropout, args.fsdp)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,11 +1,12 @@
 """A tiny training run through train_loop on one process or, under torchrun, several (the distributed tests).
 
-    python -m tests.train._ddp_run RUN_DIR [--steps 8] [--grad-accum 1] [--save-every 4] [--dropout 0] [--fsdp]
+    python -m tests.train._ddp_run RUN_DIR [--steps 8] [--grad-accum 1] [--save-every 4] [--dropout 0] [--fsdp] [--nf4]
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.train._ddp_run RUN_DIR ...
 
 Tiny Llama + LoRA on fixed token rows whose batches depend only on their indices (no RNG: the same global batch
 makes the same micro-batches whatever the number of processes), with a different number of masked labels per
 row, so the ranks of a step hold different trained-token counts. Resumes from ``latest_checkpoint(RUN_DIR)``;
+every rank prints ``pid N`` first (a test kills the workers, which torchrun starts in their own sessions),
 rank 0 prints ``step N`` per step; every rank writes its final trainable tensors to
 ``RUN_DIR/final.rank<r>.safetensors``.
 """
@@ -13,6 +14,7 @@ rank 0 prints ``step N`` per step; every rank writes its final trainable tensors
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,10 +41,14 @@ def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: float, fsdp: bool) -> None:
+def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: float, fsdp: bool,
+        nf4: bool = False) -> None:
     world = world_from_env()
+    print(f"pid {os.getpid()}", flush=True)
     with process_group(world):
         model = tiny_llama()
+        if nf4:  # QLoRA: the frozen base in 4 bits (uint8 packed weights: what FSDP2 shards then)
+            slimtune.quantize_model(model, compute_dtype=torch.float32)
         slimtune.inject(model, slimtune.LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
         torch.manual_seed(0)
         with torch.no_grad():  # B != 0 from the start, so every LoRA tensor gets a gradient at step 1
@@ -51,6 +57,9 @@ def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: fl
                     p.normal_(0, 0.05)
         if fsdp:
             shard_base(model, world)
+            frozen = [p for p in model.parameters() if not p.requires_grad]
+            here = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
+            print(f"frozen values on this rank: {here} of {sum(p.numel() for p in frozen)}", flush=True)
         net = wrap_ddp(model, world)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
                                       weight_decay=0.01)
@@ -79,9 +88,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--save-every", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--nf4", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    run(args.run_dir, args.steps, args.grad_accum, args.save_every, args.dropout, args.fsdp)
+    run(args.run_dir, args.steps, args.grad_accum, args.save_every, args.dropout, args.fsdp, args.nf4)
 
 
 if __name__ == "__main__":

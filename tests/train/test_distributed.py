@@ -6,9 +6,10 @@ subprocess on the tiny random Llama (seconds each):
   batch in test_accumulation.py); the ranks' rows hold different trained-token counts, so a per-rank loss
   normalisation or a missing x world_size (DDP averages) would show in the gradient norm;
 - FSDP2 (``fully_shard`` of the frozen base, adapter under DDP) gives the same adapter as DDP;
-- rank 0 alone writes metrics and checkpoints, which hold every rank's RNG state; a SIGKILL of the whole
-  process group, then a resume, ends bit-identical to an uninterrupted 2-process run; a checkpoint of 2
-  processes is refused by 1;
+- FSDP2 on a 4-bit (NF4) base likewise, each rank holding half of the frozen values;
+- rank 0 alone writes metrics and checkpoints, which hold every rank's RNG state; a SIGKILL of both workers
+  and torchrun, twice, then a resume, ends bit-identical to an uninterrupted 2-process run (dropout on, so each
+  rank's RNG state matters); a checkpoint of 2 processes is refused by 1;
 - a bad config under torchrun stops both ranks with the error before any process group is joined (no hang);
   ``slimtune train --nproc`` checks the config before it starts torchrun, and runs the real CLI end to end.
 """
@@ -20,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,9 +112,16 @@ def test_a_checkpoint_of_two_processes_is_refused_by_one(two_procs):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
+def _assert_half_of_the_base_per_rank(stdout: str) -> None:
+    """Rank 0's report ``frozen values on this rank: H of N``: FSDP2 holds about half of the base per rank."""
+    line = next(x for x in stdout.splitlines() if x.startswith("frozen values on this rank"))
+    here, full = (int(w) for w in line.split(":")[1].split(" of "))
+    assert 0.45 * full <= here <= 0.55 * full, line
+
+
 def test_fsdp2_sharded_frozen_base_trains_the_same_adapter_as_ddp(two_procs, tmp_path):
     sharded = tmp_path / "fsdp"
-    _tiny(sharded, "--fsdp")
+    _assert_half_of_the_base_per_rank(_tiny(sharded, "--fsdp").stdout)
     want = _final(two_procs)
     for name, t in _final(sharded).items():
         torch.testing.assert_close(t, want[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -120,30 +129,57 @@ def test_fsdp2_sharded_frozen_base_trains_the_same_adapter_as_ddp(two_procs, tmp
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
 
 
-def _kill_group_after_step(run_dir: Path, step: int, *flags: str) -> None:
-    """Start a 2-process run (resuming from run_dir's checkpoints) and SIGKILL torchrun and both workers
-    (its whole process group) as soon as rank 0 reports ``step``."""
+def test_fsdp2_shards_a_4bit_base_and_trains_the_same_adapter_as_ddp(tmp_path):
+    ddp, sharded = tmp_path / "ddp", tmp_path / "fsdp"
+    _tiny(ddp, "--nf4", steps=4)
+    _assert_half_of_the_base_per_rank(_tiny(sharded, "--nf4", "--fsdp", steps=4).stdout)
+    want = _final(ddp)
+    for name, t in _final(sharded).items():
+        torch.testing.assert_close(t, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _kill_all_after_step(run_dir: Path, step: int, *flags: str) -> None:
+    """Start a 2-process run (resuming from run_dir's checkpoints) and SIGKILL both workers and torchrun as soon
+    as rank 0 reports ``step`` (torchrun starts each worker in its own session: they are killed by pid)."""
     cmd = _torchrun("-m", "tests.train._ddp_run", str(run_dir), "--steps", "12", *flags)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
+    workers: list[int] = []
     try:
         for line in proc.stdout:
+            if line.startswith("pid "):
+                workers.append(int(line.split()[1]))
             if line.strip() == f"step {step}":
                 break
         else:
             pytest.fail(f"the run ended (rc {proc.wait()}) before step {step}")
     finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while not all(_dead(pid) for pid in workers):  # nothing of the killed run may write after this
+        assert time.monotonic() < deadline, f"workers {workers} still alive"
+        time.sleep(0.05)
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (killed, not yet reaped: it runs no more code)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def test_kill9_of_both_processes_then_resume_is_bit_identical(tmp_path):
     flags = ("--dropout", "0.1", "--save-every", "3")  # dropout: each rank's own RNG state must be resumed
     ref, run = tmp_path / "ref", tmp_path / "run"
     _tiny(ref, *flags, steps=12)
-    _kill_group_after_step(run, 4, *flags)  # after the checkpoint of step 3
+    _kill_all_after_step(run, 4, *flags)  # after the checkpoint of step 3
     first = latest_checkpoint(run)
-    _kill_group_after_step(run, int(first.name.split("-")[1]) + 2, *flags)  # resumed, killed again
+    _kill_all_after_step(run, int(first.name.split("-")[1]) + 2, *flags)  # resumed, killed again
     assert not (run / "final.rank0.safetensors").exists()  # neither run got to the end
     _tiny(run, *flags, steps=12)
     for rank in (0, 1):

@@ -48,10 +48,21 @@ def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd``; past TIMEOUT (a hang), SIGTERM it (torchrun passes it on to its workers) and fail."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{' '.join(cmd[-6:])}: still running after {TIMEOUT} s (a hang?): {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _tiny(run_dir: Path, *flags: str, nproc: int = 2, steps: int = 8) -> subprocess.CompletedProcess:
     script = ["-m", "tests.train._ddp_run", str(run_dir), "--steps", str(steps), *flags]
-    cmd = _torchrun(*script) if nproc == 2 else [sys.executable, *script]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    done = _run(_torchrun(*script) if nproc == 2 else [sys.executable, *script])
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -127,6 +138,15 @@ def test_fsdp2_sharded_frozen_base_trains_the_same_adapter_as_ddp(two_procs, tmp
         torch.testing.assert_close(t, want[name], rtol=1e-5, atol=1e-6, msg=name)
     for w, g in zip(_metrics(two_procs), _metrics(sharded), strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    # the adapter a checkpoint holds records the same base-model fingerprint as an unsharded run's
+    assert _fingerprint(latest_checkpoint(sharded)) == _fingerprint(latest_checkpoint(two_procs))
+
+
+def _fingerprint(ckpt: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        return f.metadata()["slimtune_fingerprint"]
 
 
 def test_fsdp2_shards_a_4bit_base_and_trains_the_same_adapter_as_ddp(tmp_path):
@@ -192,17 +212,15 @@ def test_kill9_of_both_processes_then_resume_is_bit_identical(tmp_path):
 
 def test_a_bad_config_under_torchrun_stops_every_rank_without_joining(tmp_path):
     out = tmp_path / "run"
-    cmd = _torchrun("-m", "slimtune", "train", "train.lr=-1", f"output_dir={out}")
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    done = _run(_torchrun("-m", "slimtune", "train", "train.lr=-1", f"output_dir={out}"))
     assert done.returncode != 0
-    assert done.stderr.count("error: train.lr=-1") == 2, done.stderr[-2000:]  # both ranks, from the check
+    assert done.stderr.count("train.lr=-1: must be a positive number") == 2, done.stderr[-2000:]  # both ranks, from the check
     assert "init_process_group" not in done.stderr and not out.exists()
 
 
 def test_nproc_checks_the_config_before_starting_torchrun(tmp_path):
-    cmd = [sys.executable, "-m", "slimtune", "train", "--nproc", "2", "train.lr=-1", f"output_dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 2 and done.stderr.strip().startswith("error: train.lr=-1"), done.stderr
+    done = _run([sys.executable, "-m", "slimtune", "train", "--nproc", "2", "train.lr=-1", f"output_dir={tmp_path}"])
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "train.lr=-1" in done.stderr, done.stderr
     assert "torch.distributed" not in done.stderr  # no torchrun was started
 
 
@@ -262,8 +280,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "slimtune", "train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return _run([sys.executable, "-m", "slimtune", "train", *args])
 
 
 @pytest.mark.slow

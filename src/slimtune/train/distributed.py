@@ -172,14 +172,21 @@ def shard_base(model: nn.Module, world: World) -> int:
     """FSDP2: ``fully_shard`` every transformer block (the classes in the model's ``_no_split_modules``) and
     then the root, leaving the trainable parameters out (``ignored_params``): the frozen base is split over
     the ranks and gathered layer by layer in forward and backward, the adapter stays whole on every rank for
-    DDP. Returns the number of blocks sharded; raises DistributedError when the model names no block class."""
+    DDP. The base-model fingerprint of each slimtune adapter (what ``save_adapter`` records) is taken first and
+    kept in ``model.slimtune_fingerprints``: the base is frozen, and after sharding reading it would be a
+    collective that rank 0, saving alone, cannot run. Returns the number of blocks sharded; raises
+    DistributedError when the model names no block class."""
     from torch.distributed.fsdp import fully_shard
+
+    from slimtune.files.keys import model_fingerprint
 
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise DistributedError(f"train.fsdp=true: {type(model).__name__} names no transformer block class "
                                "(_no_split_modules) to shard; set train.fsdp: false")
+    adapters = getattr(model, "slimtune_configs", {})
+    model.slimtune_fingerprints = {name: model_fingerprint(model, name) for name in adapters}
     ignored = set(trainable_parameters(model))
     for block in blocks:
         fully_shard(block, ignored_params=ignored)

@@ -22,7 +22,7 @@ import torch
 
 import slimtune
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
-from slimtune.train.distributed import process_group, shard_base, world_from_env, wrap_ddp
+from slimtune.train.distributed import process_group, seed_ranks, shard_base, world_from_env, wrap_ddp
 from slimtune.train.loop import LoopConfig, train_loop
 from slimtune.train.sampler import EpochSampler
 from slimtune.train.schedule import make_scheduler
@@ -61,6 +61,7 @@ def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: fl
             here = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
             print(f"frozen values on this rank: {here} of {sum(p.numel() for p in frozen)}", flush=True)
         net = wrap_ddp(model, world)
+        seed_ranks(0, world)  # as slimtune train: each rank its own dropout stream
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
                                       weight_decay=0.01)
         scheduler = make_scheduler(optimizer, total=steps, warmup=2, kind="cosine")

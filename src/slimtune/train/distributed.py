@@ -194,6 +194,15 @@ def shard_base(model: nn.Module, world: World) -> int:
     return len(blocks)
 
 
+def seed_ranks(seed: int, world: World) -> None:
+    """Give each rank its own torch random stream (``seed + rank``) for what training draws (dropout): with one
+    stream everywhere, ranks with same-shaped batches would drop the same units. Call it once the model and
+    the adapter are built (DDP starts every rank from rank 0's trainable tensors anyway). Nothing for a single
+    process, whose stream stays that of ``train.seed``."""
+    if world.distributed:
+        torch.manual_seed(seed + world.rank)
+
+
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` for the micro-batches before a step's last one (gradients are only all-reduced once
     per step); nothing for a plain module or when ``sync``."""

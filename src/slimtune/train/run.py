@@ -29,7 +29,7 @@ from slimtune.train import evaluate as ev
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
 from slimtune.train.config import RunConfig, save_run_config
 from slimtune.train.datasets import RunData, build_run_data
-from slimtune.train.distributed import World, process_group, shard_base, world_from_env, wrap_ddp
+from slimtune.train.distributed import World, process_group, seed_ranks, shard_base, world_from_env, wrap_ddp
 from slimtune.train.loop import LoopConfig, train_loop
 from slimtune.train.model import DTYPES, enable_checkpointing, load_model, load_tokenizer
 from slimtune.train.sampler import EpochSampler
@@ -152,7 +152,9 @@ def _distribute(model: nn.Module, cfg: RunConfig, world: World, log: Callable[[s
     log(f"processes: {world.world_size} ({'nccl' if world.device.type == 'cuda' else 'gloo'}); effective batch "
         f"{t.batch_size * t.grad_accum * world.world_size} (batch_size {t.batch_size} x grad_accum {t.grad_accum} "
         f"x {world.world_size} processes)")
-    return wrap_ddp(model, world)
+    net = wrap_ddp(model, world)
+    seed_ranks(cfg.train.seed, world)
+    return net
 
 
 def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:

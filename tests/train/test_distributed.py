@@ -293,7 +293,7 @@ def test_slimtune_train_nproc_2_equals_one_process_with_grad_accum_2_and_resumes
     two, one = tmp_path / "two", tmp_path / "one"
     done = _cli("--nproc", "2", *common, f"output_dir={two}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("processes: 2 (gloo); effective batch 8 (batch_size 2 x grad_accum 1 x 2") == 1
+    assert done.stdout.count("processes: 2 (gloo); effective batch 4 (batch_size 2 x grad_accum 1 x 2 processes)") == 1
     assert done.stdout.count("trained 3 steps") == 1, done.stdout  # rank 0 alone prints
     single = _cli(*common, "train.grad_accum=2", f"output_dir={one}")
     assert single.returncode == 0, single.stderr[-3000:]

@@ -1,6 +1,7 @@
 """A tiny training run through train_loop on one process or, under torchrun, several (the distributed tests).
 
     python -m tests.train._ddp_run RUN_DIR [--steps 8] [--grad-accum 1] [--save-every 4] [--dropout 0] [--fsdp] [--nf4]
+        [--nan-row I]
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.train._ddp_run RUN_DIR ...
 
 Tiny Llama + LoRA on fixed token rows whose batches depend only on their indices (no RNG: the same global batch
@@ -32,12 +33,18 @@ ROWS, SEQ, BATCH = 24, 12, 2
 DATA = torch.randint(0, 128, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
 
 
+NAN_ROW: int | None = None  # --nan-row: the micro-batch holding this row feeds NaN embeddings (NaN loss there)
+
+
 def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
     """Rows ``indices`` (B, SEQ); row i has its first ``i * 5 % 9`` labels masked (-100)."""
     ids = DATA[indices]
     labels = ids.clone()
     for row, i in enumerate(indices):
         labels[row, :i * 5 % 9] = -100
+    if NAN_ROW in indices:
+        return {"inputs_embeds": torch.full((len(indices), SEQ, 64), float("nan")), "labels": labels,
+                "attention_mask": torch.ones_like(ids)}
     return {"input_ids": ids, "labels": labels}
 
 
@@ -90,7 +97,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--fsdp", action="store_true")
     ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--nan-row", type=int, default=None)
     args = ap.parse_args(argv)
+    global NAN_ROW
+    NAN_ROW = args.nan_row
     torch.set_num_threads(1)
     run(args.run_dir, args.steps, args.grad_accum, args.save_every, args.dropout, args.fsdp, args.nf4)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,6 +209,18 @@ def test_kill9_of_both_processes_then_resume_is_bit_identical(tmp_path):
         assert not changed, f"rank {rank}: {changed[:3]} differ from the uninterrupted run"
     assert [r["step"] for r in _metrics(run)] == list(range(1, 13))
     assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(ref)]
+
+
+def test_a_nan_loss_on_one_rank_stops_both_at_the_same_step_before_the_update(tmp_path):
+    run_dir = tmp_path / "run"
+    done = _run(_torchrun("-m", "tests.train._ddp_run", str(run_dir), "--steps", "12", "--save-every", "1",
+                          "--nan-row", "7"))  # row 7: on one rank's micro-batch of some step
+    assert done.returncode != 0
+    steps = re.findall(r"training diverged: loss is nan at step (\d+)", done.stderr)
+    assert len(steps) == 2 and steps[0] == steps[1], done.stderr[-3000:]  # both ranks, the same step
+    step = int(steps[0])
+    assert [r["step"] for r in _metrics(run_dir)] == list(range(1, step))
+    assert latest_checkpoint(run_dir).name == f"step-{step - 1}"  # nothing of the NaN step was saved
 
 
 def test_a_bad_config_under_torchrun_stops_every_rank_without_joining(tmp_path):

@@ -29,9 +29,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import slimtune
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
 from slimtune.train.checkpoint_read import CheckpointError
 from slimtune.train.distributed import DistributedError, World, torchrun_command, world_from_env
+from slimtune.train.sampler import EpochSampler
+from slimtune.train.schedule import make_scheduler
+from tests.conftest import tiny_llama
 from tests.train import _ddp_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,14 +116,14 @@ def test_rank_0_alone_writes_and_checkpoints_hold_every_ranks_rng(two_procs):
 
 
 def test_a_checkpoint_of_two_processes_is_refused_by_one(two_procs):
-    model = _ddp_run.tiny_llama()
-    _ddp_run.slimtune.inject(model, _ddp_run.slimtune.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    model = tiny_llama()
+    slimtune.inject(model, slimtune.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = _ddp_run.make_scheduler(opt, total=8, warmup=2, kind="cosine")
+    sched = make_scheduler(opt, total=8, warmup=2, kind="cosine")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with pytest.raises(CheckpointError, match=r"world_size=2.*written by 2 processes, this run has 1.*--nproc 2"):
         load_checkpoint(latest_checkpoint(two_procs), model=model, adapter_name="default", optimizer=opt,
-                        scheduler=sched, sampler=_ddp_run.EpochSampler(_ddp_run.ROWS, _ddp_run.BATCH, seed=3),
+                        scheduler=sched, sampler=EpochSampler(_ddp_run.ROWS, _ddp_run.BATCH, seed=3),
                         world=World())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 

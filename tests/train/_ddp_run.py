@@ -1,7 +1,7 @@
 """A tiny training run through train_loop on one process or, under torchrun, several (the distributed tests).
 
     python -m tests.train._ddp_run RUN_DIR [--steps 8] [--grad-accum 1] [--save-every 4] [--dropout 0] [--fsdp] [--nf4]
-        [--nan-row I]
+        [--nan-row I] [--step-sleep S]
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.train._ddp_run RUN_DIR ...
 
 Tiny Llama + LoRA on fixed token rows whose batches depend only on their indices (no RNG: the same global batch
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
 
 
 def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: float, fsdp: bool,
-        nf4: bool = False) -> None:
+        nf4: bool = False, step_sleep: float = 0.0) -> None:
     world = world_from_env()
     print(f"pid {os.getpid()}", flush=True)
     with process_group(world):
@@ -81,11 +82,18 @@ def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: fl
         cfg = LoopConfig(max_steps=steps, grad_accum=grad_accum, max_grad_norm=1.0, precision="fp32", log_every=1,
                          save_every=save_every, keep_last=2)
         train_loop(model, optimizer, scheduler, sampler, make_batch, cfg, run_dir, start_step=start,
-                   log=lambda r: print(f"step {r['step']}", flush=True), world=world, net=net)
+                   log=lambda r: report(r["step"], step_sleep), world=world, net=net)
         from safetensors.torch import save_file
 
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                   str(run_dir / f"final.rank{world.rank}.safetensors"))
+
+
+def report(step: int, sleep: float) -> None:
+    """Rank 0's ``step N`` line, then a pause (``--step-sleep``: a test's SIGKILL lands well before the end;
+    the other rank waits in the next step's all_reduce)."""
+    print(f"step {step}", flush=True)
+    time.sleep(sleep)
 
 
 def main(argv: list[str]) -> None:
@@ -98,11 +106,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--fsdp", action="store_true")
     ap.add_argument("--nf4", action="store_true")
     ap.add_argument("--nan-row", type=int, default=None)
+    ap.add_argument("--step-sleep", type=float, default=0.0)
     args = ap.parse_args(argv)
     global NAN_ROW
     NAN_ROW = args.nan_row
     torch.set_num_threads(1)
-    run(args.run_dir, args.steps, args.grad_accum, args.save_every, args.dropout, args.fsdp, args.nf4)
+    run(args.run_dir, args.steps, args.grad_accum, args.save_every, args.dropout, args.fsdp, args.nf4,
+        args.step_sleep)
 
 
 if __name__ == "__main__":

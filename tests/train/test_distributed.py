@@ -166,7 +166,7 @@ def test_fsdp2_shards_a_4bit_base_and_trains_the_same_adapter_as_ddp(tmp_path):
 def _kill_all_after_step(run_dir: Path, step: int, *flags: str) -> None:
     """Start a 2-process run (resuming from run_dir's checkpoints) and SIGKILL both workers and torchrun as soon
     as rank 0 reports ``step`` (torchrun starts each worker in its own session: they are killed by pid)."""
-    cmd = _torchrun("-m", "tests.train._ddp_run", str(run_dir), "--steps", "12", *flags)
+    cmd = _torchrun("-m", "tests.train._ddp_run", str(run_dir), "--steps", "12", "--step-sleep", "0.5", *flags)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     workers: list[int] = []
@@ -205,7 +205,7 @@ def test_kill9_of_both_processes_then_resume_is_bit_identical(tmp_path):
     _kill_all_after_step(run, 4, *flags)  # after the checkpoint of step 3
     first = latest_checkpoint(run)
     _kill_all_after_step(run, int(first.name.split("-")[1]) + 2, *flags)  # resumed, killed again
-    assert not (run / "final.rank0.safetensors").exists()  # neither run got to the end
+    assert not (run / "final.rank0.safetensors").exists(), "a killed run got to the end before its kill"
     _tiny(run, *flags, steps=12)
     for rank in (0, 1):
         want, got = _final(ref, rank), _final(run, rank)

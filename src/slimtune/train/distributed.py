@@ -143,6 +143,7 @@ def process_group(world: World) -> Iterator[World]:
                             device_id=world.device if world.device.type == "cuda" else None)
     try:
         yield world
+        dist.barrier()  # no collective still in flight (FSDP2 may issue async ones) when the group goes
     finally:
         dist.destroy_process_group()
 

@@ -7,6 +7,7 @@ estimator start instantly. Bad input (a config file, a flag value, a flag combin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -66,6 +67,8 @@ def train(
     overrides: list[str] = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 adapter.r=16"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in "
                                                         "output_dir (bit-identical on CPU to an unbroken run)"),
+    nproc: int = typer.Option(1, "--nproc", help="processes on this machine (DDP over torchrun: gloo on CPU, "
+                                                 "NCCL with one GPU each); batch_size is per process"),
 ) -> None:
     """Fine-tune a model on your data from a run config: progress, checkpoints, scores before and after."""
     from slimtune.train.config import describe, load_run_config
@@ -73,11 +76,20 @@ def train(
     if config is not None and "=" in config and not Path(config).exists():  # `slimtune train train.lr=1e-4`
         overrides, config = [config, *(overrides or ())], None
     cfg = run_or_exit_2(lambda: load_run_config(config, overrides or (), check_files=True))
-    typer.echo(describe(cfg))
+    if nproc != 1:  # checked above, before any process starts: now the same command in N processes
+        from slimtune.train.distributed import torchrun_command
+
+        args = ["train", *([config] if config else []), *(overrides or ()), *(["--resume"] if resume else [])]
+        cmd = run_or_exit_2(lambda: torchrun_command(nproc, args))
+        os.execv(cmd[0], cmd)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if main_rank:
+        typer.echo(describe(cfg))
     from slimtune.train.run import train as run_training
 
     result = run_or_exit_2(lambda: run_training(cfg, resume=resume, log=typer.echo))
-    typer.echo(result.summary())
+    if main_rank:
+        typer.echo(result.summary())
 
 
 @app.command()

@@ -64,9 +64,12 @@ def _train_errors() -> tuple[type[BaseException], ...]:
     """The named errors of `slimtune train` (its modules import torch: loaded only by that command)."""
     from slimtune.config import ConfigError
     from slimtune.files import AdapterFileError
+    from slimtune.train.checkpoint_read import CheckpointError
     from slimtune.train.config import RunConfigError
     from slimtune.train.data import BadRow
+    from slimtune.train.distributed import DistributedError
     from slimtune.train.model import ModelLoadError
     from slimtune.train.run import RunError
 
-    return (ConfigError, RunConfigError, FileNotFoundError, AdapterFileError, BadRow, ModelLoadError, RunError)
+    return (ConfigError, RunConfigError, FileNotFoundError, AdapterFileError, BadRow, ModelLoadError, RunError,
+            DistributedError, CheckpointError)

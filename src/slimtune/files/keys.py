@@ -119,4 +119,7 @@ def fingerprint_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, n
 
 
 def model_fingerprint(model: nn.Module, adapter_name: str) -> fingerprint.Fingerprint:
-    return fingerprint.compute(model, fingerprint_layers(model, adapter_name))
+    """The base-model fingerprint of ``adapter_name``'s layers; the one kept in ``model.slimtune_fingerprints``
+    when there is one (taken before FSDP2 sharded the frozen base over processes: see train/distributed.py)."""
+    kept = getattr(model, "slimtune_fingerprints", {}).get(adapter_name)
+    return kept if kept is not None else fingerprint.compute(model, fingerprint_layers(model, adapter_name))

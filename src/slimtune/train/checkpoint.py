@@ -11,7 +11,8 @@ A checkpoint folder holds (nothing pickled; only safetensors and JSON are read b
     sampler.json            EpochSampler.state(): the data position
     rng.safetensors         torch CPU generator state (uint8), plus ``cuda.<i>`` per CUDA device
     rng.json                Python ``random`` and NumPy global states as JSON lists
-    state.json              {"format": 1, "step": N, "extra": {...}}
+    rng.rank<r>.*           the same two files for rank r >= 1 of a multi-process run (each rank resumes its own)
+    state.json              {"format": 1, "step": N, "world_size": W, "extra": {...}}
     complete                the marker, written last
 
 Writing: everything goes into ``checkpoints/.step-N.tmp-<random>/``, each file fsynced, the folder fsynced,
@@ -24,6 +25,9 @@ marker first, so a prune killed half-way leaves nothing that looks complete).
 Test hook: when the environment variable ``SLIMTUNE_TEST_CHECKPOINT_SLEEP`` holds a number of seconds,
 ``save_checkpoint`` sleeps that long after each file and before the rename and the marker, so a test can
 kill the process in the middle of a write. Unset (the default), it costs nothing.
+
+Several processes (``slimtune.train.distributed``): every rank calls ``save_checkpoint`` (the ranks' RNG states
+are gathered to rank 0), rank 0 alone writes; every rank loads the same folder, and its own RNG files.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ from torch import nn
 from slimtune.optim import load_optimizer, save_optimizer
 from slimtune.train.checkpoint_read import (
     CheckpointError, check_optimizer_file, read_json, read_rng, read_scheduler, read_state, read_trainable,
+    rng_files,
 )
+from slimtune.train.distributed import World
 from slimtune.train.sampler import EpochSampler, check_sampler_state
 
 __all__ = ["CheckpointError", "MARKER", "SLEEP_ENV", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -73,8 +79,9 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, adapter_name: str,
                     optimizer: torch.optim.Optimizer, scheduler: Any, sampler: EpochSampler,
-                    extra: dict | None = None, keep_last: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step-<step>/`` atomically (see the module docstring); returns it.
+                    extra: dict | None = None, keep_last: int = 2, world: World = World()) -> Path | None:
+    """Write ``run_dir/checkpoints/step-<step>/`` atomically (see the module docstring); returns it (None on
+    the ranks other than 0 of a multi-process ``world``, which only send their RNG states: call it on every rank).
 
     ``extra`` must be JSON-serialisable; it comes back from :func:`load_checkpoint`. Raises ValueError for
     a bad step / keep_last or an extra that is not JSON, TypeError for optimizer or scheduler state that
@@ -85,20 +92,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last={keep_last!r}: must be a positive integer")
     rng = capture_rng()  # first: nothing below may draw from the global generators before it is taken
-    state = {"format": 1, "step": step, "extra": dict(extra or {})}
+    state = {"format": 1, "step": step, "world_size": world.world_size, "extra": dict(extra or {})}
     try:
         state_json = json.dumps(state, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra={extra!r}: must be JSON-serialisable ({exc})") from None
     try:
+        ranks = world.gather({"tensors": rng["tensors"], "json": rng["json"]})  # collective: every rank is here
+        if not world.is_main:
+            return None
         return write_checkpoint(Path(run_dir) / "checkpoints", step, model, adapter_name, optimizer, scheduler,
-                                sampler, rng, state_json, keep_last)
+                                sampler, ranks, state_json, keep_last)
     finally:  # the live run continues from exactly the saved RNG state, even if something in the save drew
         set_rng(rng["raw"])
 
 
 def write_checkpoint(root: Path, step: int, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, sampler: EpochSampler, rng: dict, state_json: str, keep_last: int) -> Path:
+                     scheduler: Any, sampler: EpochSampler, rng: list[dict], state_json: str, keep_last: int) -> Path:
     """The save itself: clean up, temp folder, files, rename, marker, prune."""
     root.mkdir(parents=True, exist_ok=True)
     remove_leftovers(root)
@@ -121,8 +131,9 @@ def write_checkpoint(root: Path, step: int, model: nn.Module, adapter_name: str,
 
 
 def write_contents(folder: Path, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
-                   scheduler: Any, sampler: EpochSampler, rng: dict, state_json: str) -> None:
-    """Every checkpoint file into ``folder``, each fsynced, then the folder itself."""
+                   scheduler: Any, sampler: EpochSampler, rng: list[dict], state_json: str) -> None:
+    """Every checkpoint file into ``folder``, each fsynced, then the folder itself. ``rng``: each rank's
+    ``{"tensors", "json"}`` RNG state, by rank."""
     from safetensors.torch import save_file
 
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -138,8 +149,10 @@ def write_contents(folder: Path, model: nn.Module, adapter_name: str, optimizer:
     write_file(folder / "optimizer.safetensors", lambda p: save_optimizer(optimizer, p))
     write_file(folder / "scheduler.json", lambda p: Path(p).write_text(to_json(scheduler.state_dict(), "scheduler")))
     write_file(folder / "sampler.json", lambda p: Path(p).write_text(json.dumps(sampler.state())))
-    write_file(folder / "rng.safetensors", lambda p: save_file(rng["tensors"], p))
-    write_file(folder / "rng.json", lambda p: Path(p).write_text(json.dumps(rng["json"])))
+    for rank, state in enumerate(rng):
+        tensors_path, json_path = rng_files(folder, rank)
+        write_file(tensors_path, lambda p: save_file(state["tensors"], p))
+        write_file(json_path, lambda p: Path(p).write_text(json.dumps(state["json"])))
     write_file(folder / "state.json", lambda p: Path(p).write_text(state_json))
     fsync_path(folder)
     pause_for_tests()
@@ -213,16 +226,18 @@ def capture_rng() -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, adapter_name: str,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, sampler: EpochSampler) -> dict:
+                    optimizer: torch.optim.Optimizer, scheduler: Any, sampler: EpochSampler,
+                    world: World = World()) -> dict:
     """Restore a complete checkpoint: trainable tensors (in place), optimizer, scheduler, sampler and the
-    global RNGs (torch, CUDA, Python, NumPy). Returns ``{"step": N, **extra}``.
+    global RNGs (torch, CUDA, Python, NumPy; this rank's). Returns ``{"step": N, **extra}``.
 
     Everything is read and checked before anything is changed: a missing folder, marker or file, an
     unreadable file, a step that disagrees with the folder name, tensor names, shapes or dtypes that do
     not match the model's trainable parameters (or the optimizer's), a malformed scheduler, sampler or RNG
     state all raise CheckpointError naming the file, and leave model, optimizer, scheduler, sampler and
     RNGs as they were. ``adapter_name`` must name a slimtune adapter of the model when the checkpoint
-    holds an adapter folder.
+    holds an adapter folder; a checkpoint written by another number of processes than ``world.world_size``
+    is refused (each rank's RNG state and the effective batch belong to that number).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -233,6 +248,11 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, adapter_name: 
         raise CheckpointError(f"checkpoint {str(folder)!r} holds an adapter, but the model has no adapter "
                               f"named {adapter_name!r}")
     state = read_state(folder / "state.json", folder.name)
+    written_by = state.get("world_size", 1)
+    if written_by != world.world_size:
+        raise CheckpointError(f"{folder / 'state.json'}: world_size={written_by!r}: the checkpoint was written by "
+                              f"{written_by} processes, this run has {world.world_size}; resume with "
+                              f"--nproc {written_by} (torchrun --nproc_per_node {written_by})")
     tensors = read_trainable(folder / "trainable.safetensors", model)
     check_optimizer_file(folder / "optimizer.safetensors", optimizer)
     sched = read_scheduler(folder / "scheduler.json", scheduler)
@@ -241,7 +261,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, adapter_name: 
         check_sampler_state(samp, sampler.n, sampler.batch_size, sampler.seed)
     except ValueError as exc:
         raise CheckpointError(f"{folder / 'sampler.json'}: {exc}") from None
-    rng = read_rng(folder)
+    rng = read_rng(folder, world.rank)
     restore_all(folder, model, tensors, optimizer, scheduler, sched, sampler, samp, rng)
     return {"step": state["step"], **state["extra"]}
 

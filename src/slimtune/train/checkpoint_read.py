@@ -123,11 +123,19 @@ def read_scheduler(path: Path, scheduler: Any) -> dict:
     return d
 
 
-def read_rng(folder: Path) -> dict:
-    """rng.safetensors and rng.json, checked: ``{"torch", "cuda": [...], "python", "numpy"}`` ready to set."""
+def rng_files(folder: Path, rank: int = 0) -> tuple[Path, Path]:
+    """The RNG files of process ``rank``: ``rng.safetensors`` / ``rng.json`` for rank 0 (and a single process),
+    ``rng.rank<r>.safetensors`` / ``rng.rank<r>.json`` for the other ranks of a multi-process run."""
+    stem = "rng" if rank == 0 else f"rng.rank{rank}"
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+
+def read_rng(folder: Path, rank: int = 0) -> dict:
+    """The RNG files of ``rank`` (rng_files), checked: ``{"torch", "cuda": [...], "python", "numpy"}`` ready
+    to set."""
     import numpy as np
 
-    tpath, jpath = folder / "rng.safetensors", folder / "rng.json"
+    tpath, jpath = rng_files(folder, rank)
     tensors = read_tensors(tpath)
     cpu = tensors.get("torch")
     want = torch.get_rng_state()

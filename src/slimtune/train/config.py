@@ -86,7 +86,8 @@ TRAIN_FIELDS: dict[str, Checker] = {
     "precision": choice(PRECISIONS), "grad_checkpointing": boolean, "optimizer": choice(OPTIMIZERS),
     "loraplus_ratio": optional(positive), "seed": integer(0, 2**63 - 1, "must be an integer >= 0"),
     "log_every": positive_int,
-    "eval_every": optional(positive_int), "save_every": optional(positive_int), "keep_last": positive_int}
+    "eval_every": optional(positive_int), "save_every": optional(positive_int), "keep_last": positive_int,
+    "fsdp": boolean}
 
 
 def train_rules(t: Mapping[str, Any]) -> list[str]:
@@ -196,6 +197,7 @@ class TrainSection:
     eval_every: int | None = None
     save_every: int | None = None
     keep_last: int = 2
+    fsdp: bool = False  # several processes: shard the frozen base over them (FSDP2); see train/distributed.py
 
     def __post_init__(self) -> None:
         _settle(self, "train", TRAIN_FIELDS, train_rules)
@@ -220,6 +222,9 @@ def cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any
     if data.get("packing") is True and method == "prompt":
         issues.append("data.packing=True: prompt tuning prepends its virtual tokens to each row, so packed "
                       "examples after the first would not see them; set data.packing: false")
+    if train.get("fsdp") is True and method in ("freeze", "full"):
+        issues.append(f"train.fsdp=True: shards the frozen base under an adapter; adapter.method={method!r} trains "
+                      "base weights, which are kept whole on every rank; set train.fsdp: false")
     ratio = train.get("loraplus_ratio")
     if ratio is not None and method not in (None, "lora", "dora"):
         issues.append(f"train.loraplus_ratio={ratio!r}: LoRA+ needs adapter.method lora or dora "

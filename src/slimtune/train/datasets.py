@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from slimtune.train.data import DataStats, Example, bbc_topic_rows, collate, examples_from_rows, pack, read_rows
@@ -31,13 +32,18 @@ class RunData:
     answers: list[str]  # ... and the replies they should get
     packed: bool
     pad_id: int
+    device: torch.device = torch.device("cpu")  # where batches are built: a rank's GPU under torchrun + NCCL
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
-        return collate([self.train_rows[i] for i in indices], self.pad_id, self.packed)
+        return self.on_device(collate([self.train_rows[i] for i in indices], self.pad_id, self.packed))
 
     def eval_batches(self, batch_size: int) -> list[dict[str, Tensor]]:
         ex = self.eval_examples
-        return [collate(ex[i:i + batch_size], self.pad_id, False) for i in range(0, len(ex), batch_size)]
+        return [self.on_device(collate(ex[i:i + batch_size], self.pad_id, False))
+                for i in range(0, len(ex), batch_size)]
+
+    def on_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
 
 
 def _short_answer_prompts(rows: Sequence[dict]) -> tuple[list, list[str]]:

@@ -62,7 +62,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, conversations: Sequence[l
     with evaluating(model):
         for messages in conversations:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)["input_ids"]
+                                                return_dict=True)["input_ids"].to(model.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id,
                                  use_cache=True)
@@ -79,5 +79,6 @@ def exact_match(answers: Sequence[str], targets: Sequence[str], normalise: Calla
 def text_loss(model: nn.Module, blocks: Tensor, batch: int = 8) -> float:
     """Mean causal-LM loss per predicted token over fixed-length token ``blocks`` (n, T), ``batch`` blocks per
     forward: the forgetting check on general text, and the held-out loss of ``benchmarks/methods_compare.py``."""
+    blocks = blocks.to(model.device)
     batches = [{"input_ids": blocks[i:i + batch], "labels": blocks[i:i + batch]} for i in range(0, len(blocks), batch)]
     return eval_loss(model, batches)

@@ -7,6 +7,14 @@ loss divided by the step's total count, so the summed gradients are exactly thos
 when packing or chat masking leaves the micro-batches with unequal token counts (what HF Trainer does with
 ``num_items_in_batch``). A step with no trained token at all has loss 0/0 = NaN: TrainingDiverged.
 
+Several processes (a ``World`` from ``slimtune.train.distributed``, ``model`` wrapped in DDP as ``net``): every
+rank draws the step's ``grad_accum x world_size`` micro-batches from the same sampler and trains on its share;
+the trained-token count is all-reduced first, and each rank's loss is multiplied by ``world_size`` because DDP
+averages the ranks' gradients, so the update is that of one process with ``grad_accum x world_size``. Only the
+step's last micro-batch all-reduces gradients (DDP ``no_sync`` before it). A NaN/inf loss is detected after
+the step's losses are summed over the ranks, so every rank stops at the same step. Rank 0 alone writes
+metrics, progress and checkpoint files.
+
 Precision: ``fp32``; ``bf16`` = ``torch.autocast(device, bfloat16)`` around the forward (trainable
 tensors stay as they are, e.g. fp32 adapters); ``fp16`` = autocast float16 with ``torch.amp.GradScaler``,
 CUDA only. Gradients are clipped over the trainable parameters only.
@@ -41,6 +49,7 @@ from torch import Tensor, nn
 
 from slimtune.train.checkpoint import save_checkpoint
 from slimtune.train.checkpoint_read import CheckpointError, read_state
+from slimtune.train.distributed import World, no_sync
 from slimtune.train.sampler import EpochSampler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -94,7 +103,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
                sampler: EpochSampler, make_batch: Callable[[list[int]], dict[str, Tensor]], cfg: LoopConfig,
                run_dir: str | os.PathLike, adapter_name: str = "default", start_step: int = 0,
                evaluate: Callable[[], dict[str, float]] | None = None,
-               log: Callable[[dict], None] | None = None, echo: Callable[[str], None] | None = None) -> dict:
+               log: Callable[[dict], None] | None = None, echo: Callable[[str], None] | None = None,
+               world: World = World(), net: nn.Module | None = None) -> dict:
     """Train from ``start_step`` (0, or the step load_checkpoint returned) to ``cfg.max_steps``.
 
     ``make_batch(indices)`` returns the model's keyword arguments, labels included, on the model's device;
@@ -104,27 +114,26 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
     eval mode under no_grad), then checkpoints every ``save_every`` steps and at the end. Returns
     ``{"step", "loss", "tokens", "elapsed_s", "checkpoint"}``. Raises TrainingDiverged on a NaN/inf loss
     (before the update), ValueError for fp16 off CUDA or a model with nothing to train.
+
+    ``world`` / ``net``: this process's rank and ``model`` in DistributedDataParallel (the forward runs through
+    ``net``; files, checkpoints and clipping use ``model``). ``log`` and ``echo`` are only called on rank 0.
     """
     run_dir = Path(run_dir)
     device = training_device(model, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    metrics = Metrics(run_dir, start_step, cfg)
+    net = model if net is None else net
+    log, echo = (log, echo) if world.is_main else (None, None)
+    metrics = Metrics(run_dir, start_step, cfg, write=world.is_main)
     save = functools.partial(save_checkpoint, run_dir, model=model, adapter_name=adapter_name, optimizer=optimizer,
-                             scheduler=scheduler, sampler=sampler, keep_last=cfg.keep_last)
+                             scheduler=scheduler, sampler=sampler, keep_last=cfg.keep_last, world=world)
     ckpt = None
     model.train()
     with progress_bar(cfg.max_steps, start_step, echo) as bar, contextlib.closing(metrics):
         for step in range(start_step + 1, cfg.max_steps + 1):
-            batches = [make_batch(sampler.next_batch()) for _ in range(cfg.grad_accum)]
-            trained = sum(count_trained(b) for b in batches)  # the step's loss is the mean over these
-            loss_sum, tokens = 0.0, 0
-            for batch in batches:
-                with autocast(device, cfg.precision):
-                    loss = summed_loss(model, batch) / trained             # forward
-                loss_sum += finite_loss(loss, step)                        # NaN/inf: stop before any update
-                scaler.scale(loss).backward()                              # backward
-                tokens += count_tokens(batch)
+            drawn = [sampler.next_batch() for _ in range(cfg.grad_accum * world.world_size)]  # the global batch
+            batches = [make_batch(indices) for indices in world.share(drawn)]  # this rank's micro-batches
+            loss_sum, trained, tokens = forward_backward(net, batches, step, world, cfg.precision, device, scaler)
             grad_norm = clip_gradients(optimizer, scaler, trainable, cfg.max_grad_norm)  # clip
             lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)                                         # step
@@ -135,6 +144,29 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
             ckpt = after_step(step, cfg, model, device, evaluate, metrics, log, save) or ckpt
     return {"step": max(start_step, cfg.max_steps), "loss": metrics.last_loss, **metrics.totals(),
             "checkpoint": None if ckpt is None else str(ckpt)}
+
+
+def forward_backward(net: nn.Module, batches: list[dict[str, Tensor]], step: int, world: World, precision: str,
+                     device: torch.device, scaler: torch.amp.GradScaler) -> tuple[float, int, int]:
+    """Forward and backward of one step's micro-batches on this rank, gradients accumulated in ``.grad``.
+    Returns the step's (loss, trained count, tokens), summed over every rank. Raises TrainingDiverged for a
+    NaN/inf loss: before that micro-batch's backward on a single process, after the step's backward (all
+    ranks together, still before any update) on several."""
+    trained = int(world.sum([sum(count_trained(b) for b in batches)])[0])  # the loss is the mean over these
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        with no_sync(net, sync=i == len(batches) - 1):  # DDP all-reduces once, in the step's last backward
+            with autocast(device, precision):
+                loss = summed_loss(net, batch) * world.world_size / trained  # forward (x W: DDP averages)
+            if not world.distributed:
+                finite_loss(loss, step)  # NaN/inf: stop before any update
+            loss_sum += float(loss.detach()) / world.world_size
+            scaler.scale(loss).backward()  # backward
+        tokens += count_tokens(batch)
+    if world.distributed:  # one all_reduce for the step's loss and tokens; every rank stops on NaN/inf together
+        loss_sum, total = world.sum([loss_sum, tokens])
+        return finite_loss(torch.tensor(loss_sum), step), trained, int(total)
+    return loss_sum, trained, tokens
 
 
 def after_step(step: int, cfg: LoopConfig, model: nn.Module, device: torch.device,
@@ -301,19 +333,21 @@ def open_tensorboard(run_dir: Path, start_step: int) -> Any | None:
 
 class Metrics:
     """``run_dir/metrics.jsonl``: trimmed to ``start_step`` at start, then appended line by line (flushed);
-    the same records as TensorBoard scalars when it is installed. ``close()`` flushes TensorBoard."""
+    the same records as TensorBoard scalars when it is installed. ``close()`` flushes TensorBoard.
+    ``write=False`` (ranks other than 0): the same counting, no file, no TensorBoard, no ``log`` calls."""
 
-    def __init__(self, run_dir: Path, start_step: int, cfg: LoopConfig) -> None:
-        self.path, self.cfg = run_dir / "metrics.jsonl", cfg
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trim_metrics(self.path, start_step)
+    def __init__(self, run_dir: Path, start_step: int, cfg: LoopConfig, write: bool = True) -> None:
+        self.path, self.cfg, self.writes = run_dir / "metrics.jsonl", cfg, write
+        if write:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trim_metrics(self.path, start_step)
         prior = resumed_totals(run_dir, start_step)
         self.tokens, self.elapsed0 = prior["tokens"], prior["elapsed_s"]
         self.start = self.mark = time.perf_counter()
         self.pending: list[tuple[float, int]] = []  # (step loss, trained tokens) since the last record
         self.pending_tokens = 0
         self.last_loss: float | None = None
-        self.writer = open_tensorboard(run_dir, start_step)
+        self.writer = open_tensorboard(run_dir, start_step) if write else None
 
     def totals(self) -> dict:
         return {"tokens": self.tokens, "elapsed_s": self.elapsed0 + time.perf_counter() - self.start}
@@ -338,6 +372,8 @@ class Metrics:
         return record
 
     def write(self, record: dict, log: Callable[[dict], None] | None) -> None:
+        if not self.writes:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

@@ -3,6 +3,10 @@
 Reads top to bottom: seed, data, model, scores before, adapter, optimizer and schedule, resume, the loop,
 scores after, the final adapter. The loop itself (forward, backward, clip, step, log, checkpoints) lives in
 ``slimtune.train.loop``; the pieces it is given are built here.
+
+Under torchrun every process runs this same function (``slimtune.train.distributed``): the config, the output
+folder and every data row are checked before the process group is joined, so a bad input stops every rank
+with the same error; rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from slimtune.train import evaluate as ev
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
 from slimtune.train.config import RunConfig, save_run_config
 from slimtune.train.datasets import RunData, build_run_data
+from slimtune.train.distributed import World, process_group, seed_ranks, shard_base, world_from_env, wrap_ddp
 from slimtune.train.fit import NothingFits, recorded_train, resolve_auto
 from slimtune.train.loop import LoopConfig, train_loop
 from slimtune.train.model import DTYPES, ModelLoadError, enable_checkpointing, load_model, load_tokenizer
@@ -73,21 +78,35 @@ def _fmt(key: str, v: float | None) -> str:
 def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.adapter``; returns the scores before and after.
 
-    Raises RunError, slimtune.train.config.RunConfigError, BadRow (a bad data row), ModelLoadError.
+    Raises RunError, slimtune.train.config.RunConfigError, BadRow (a bad data row), ModelLoadError,
+    DistributedError (torchrun's environment).
     """
+    world = world_from_env()
+    log = log if world.is_main else (lambda line: None)
     run_dir = Path(cfg.output_dir)
-    _check_start(cfg, run_dir, resume)
-    cfg = _fit(cfg, run_dir, resume, log)  # train.batch_size: auto -> numbers, before anything heavy loads
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
+    _check_start(cfg, run_dir, resume, world)
+    cfg = _auto_fit(cfg, run_dir, resume, log)  # train.batch_size: auto -> numbers, before anything heavy loads
     _seed_everything(cfg.train.seed)
     task = "classification" if cfg.data.format == "classification" else "causal"
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_run_data(cfg.data, tokenizer, cfg.train.seed)  # every bad row is found before the model loads
     general = _general_blocks(tokenizer, cfg) if task == "causal" else None  # the forgetting check's text
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
+    with process_group(world):  # every input is checked: only now wait for the other ranks
+        return _fit(cfg, world, tokenizer, data, general, task, run_dir, resume, log)
+
+
+def _fit(cfg: RunConfig, world: World, tokenizer: Any, data: RunData, general: torch.Tensor | None, task: str,
+         run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunResult:
+    """The model, the scores before, the adapter, the training, the scores after and the saved result."""
     num_labels = len(data.label_names or ()) if task == "classification" else None
     model = load_model(cfg.model.name, cfg.model.dtype, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = False  # training: a KV cache would also switch off the packed block-diagonal mask
+    if world.distributed and world.device.type == "cuda":  # NCCL all-reduces CUDA tensors: one GPU per rank
+        model.to(world.device)
+        data.device = world.device
     log(f"data: {data.stats.rows} rows ({data.stats.skipped} skipped, {data.stats.truncated} truncated), "
         f"{len(data.train_rows)} training rows{' packed' if data.packed else ''}, {len(data.eval_examples)} eval")
     if cfg.quantize == "nf4":
@@ -97,11 +116,12 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
     model.train()
-    total = _total_steps(cfg, len(data.train_rows))
+    net = _distribute(model, cfg, world, log)
+    total = _total_steps(cfg, len(data.train_rows), world.world_size)
     optimizer = _optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, total, cfg.train.warmup_steps(total), cfg.train.scheduler)
     sampler = EpochSampler(len(data.train_rows), cfg.train.batch_size, cfg.train.seed)
-    start = _resume(run_dir, model, optimizer, scheduler, sampler, log) if resume else 0
+    start = _resume(run_dir, model, optimizer, scheduler, sampler, log, world) if resume else 0
     loop_cfg = LoopConfig(max_steps=total, grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                           precision=cfg.train.precision, log_every=cfg.train.log_every,
                           eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
@@ -109,14 +129,34 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     evaluate = (lambda: {"eval_loss": ev.eval_loss(model, data.eval_batches(cfg.train.batch_size))}
                 if data.eval_examples and task == "causal" else None)
     train_loop(model, optimizer, scheduler, sampler, data.batch, loop_cfg, run_dir, ADAPTER, start_step=start,
-               evaluate=evaluate, echo=log)  # plain progress lines when stdout is not a terminal
+               evaluate=evaluate, echo=log, world=world, net=net)  # plain progress lines when not a terminal
     after, answers_after = _scores(model, tokenizer, data, cfg, general)
-    adapter_dir = _save_result(model, tokenizer, cfg, run_dir)
+    adapter_dir = (_save_result(model, tokenizer, cfg, run_dir) if world.is_main
+                   else run_dir / ("model" if cfg.adapter.method in ("freeze", "full") else "adapter"))
     samples = [{"prompt": c[-1]["content"], "expected": t, "before": b, "after": a}
                for c, t, b, a in zip(data.conversations, data.answers, answers_before, answers_after)][:SAMPLES]
     result = RunResult(run_dir, adapter_dir, total, before, after, samples)
-    _write_summary(run_dir, result)
+    if world.is_main:
+        _write_summary(run_dir, result)
+    world.barrier()  # the others return once rank 0 has written the result
     return result
+
+
+def _distribute(model: nn.Module, cfg: RunConfig, world: World, log: Callable[[str], None]) -> nn.Module:
+    """The module the loop's forward runs through: ``model`` itself for one process, else (its frozen base
+    sharded by FSDP2 when ``train.fsdp``) wrapped in DDP over the trainable parameters."""
+    if not world.distributed:
+        return model
+    if cfg.train.fsdp:
+        blocks = shard_base(model, world)
+        log(f"fsdp: frozen base of {blocks} blocks sharded over {world.world_size} processes")
+    t = cfg.train
+    log(f"processes: {world.world_size} ({'nccl' if world.device.type == 'cuda' else 'gloo'}); effective batch "
+        f"{t.batch_size * t.grad_accum * world.world_size} (batch_size {t.batch_size} x grad_accum {t.grad_accum} "
+        f"x {world.world_size} processes)")
+    net = wrap_ddp(model, world)
+    seed_ranks(cfg.train.seed, world)
+    return net
 
 
 def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
@@ -130,7 +170,7 @@ def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
     return save_pretrained_atomic(model, target, tokenizer)
 
 
-def _fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunConfig:
+def _auto_fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunConfig:
     """Resolve ``train.batch_size: auto`` from the model's config alone and print the choice; RunError when
     nothing fits. The model stays on the CPU it loads on, so the budget is the CPU's."""
     try:
@@ -146,7 +186,10 @@ def _fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]
     return cfg
 
 
-def _check_start(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+def _check_start(cfg: RunConfig, run_dir: Path, resume: bool, world: World = World()) -> None:
+    if cfg.train.fsdp and not world.distributed:
+        raise RunError("train.fsdp=True: shards the frozen base over several processes, and this is one; run "
+                       "`slimtune train --nproc N` (torchrun) or set train.fsdp: false")
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise RunError("train.precision='fp16': needs a CUDA GPU (fp16 with a loss scaler); on CPU use bf16 or fp32")
     if run_dir.exists() and not run_dir.is_dir():
@@ -163,10 +206,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _total_steps(cfg: RunConfig, n_rows: int) -> int:
+def _total_steps(cfg: RunConfig, n_rows: int, processes: int = 1) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * processes  # the effective batch
     return max(1, math.ceil(cfg.train.epochs * n_rows / per_step))
 
 
@@ -182,13 +225,13 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, sampler, log) -> int:
+def _resume(run_dir: Path, model, optimizer, scheduler, sampler, log, world: World = World()) -> int:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         log(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         return 0
     state = load_checkpoint(ckpt, model=model, adapter_name=ADAPTER, optimizer=optimizer, scheduler=scheduler,
-                            sampler=sampler)
+                            sampler=sampler, world=world)
     log(f"resumed from {ckpt} (step {state['step']})")
     return int(state["step"])
 

@@ -20,8 +20,9 @@ from slimtune.memory.measure import measure_step
 from slimtune.memory.plan import transient_bytes
 from slimtune.memory.spec import Method, Precision, Workload
 from slimtune.train.config import RunConfigError, load_run_config, run_config_from_dict
-from slimtune.train.fit import (CPU_RESERVE_BYTES, NothingFits, architecture_of, choose_fit, divisors,
-                                estimator_inputs, resolve_auto, step_bytes)
+from slimtune.train.distributed import DistributedError, local_processes
+from slimtune.train.fit import (CPU_RESERVE_BYTES, NothingFits, UnevenBatch, architecture_of, budget_bytes, choose_fit,
+                                divisors, estimator_inputs, resolve_auto, step_bytes)
 
 SEQ = 64
 
@@ -228,3 +229,29 @@ def test_slimtune_train_prints_the_choice_and_records_the_numbers(tmp_path):
                            "estimated peak ") and "(train.memory=64GB)" in line
     train = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert (train["batch_size"], train["grad_accum"], train["memory"]) == (4, 1, None)
+
+
+def test_several_processes_split_the_effective_batch(tiny_folder):
+    """Under torchrun each process runs the micro-batch: batch x grad_accum x processes = the effective batch."""
+    cfg = run_cfg(tiny_folder)  # effective_batch 8
+    arch = architecture_of(str(tiny_folder))
+    one = choose_fit(cfg, arch, budget_for(cfg, arch, 2, False), "cpu")
+    two = choose_fit(cfg, arch, budget_for(cfg, arch, 2, False), "cpu", processes=2)
+    assert (one.batch, one.grad_accum) == (2, 4)
+    assert (two.batch, two.grad_accum, two.processes) == (2, 2, 2)
+    assert "x 2 processes (effective batch 8)" in two.describe()
+    roomy = choose_fit(cfg, arch, 2**40, "cpu", processes=4)
+    assert (roomy.batch, roomy.grad_accum) == (2, 1)
+    with pytest.raises(UnevenBatch, match=r"train.effective_batch=8: must be a multiple of the 3 processes .* use 6 or 9"):
+        choose_fit(cfg, arch, 2**40, "cpu", processes=3)
+
+
+def test_processes_on_one_machine_share_its_ram(monkeypatch):
+    import slimtune.train.fit as fit
+
+    monkeypatch.setattr(fit, "available_bytes", lambda device: 8 * 2**30)
+    assert budget_bytes(None, "cpu", 2) == (4 * 2**30, "available RAM 8.0 GiB / 2 processes")
+    assert budget_bytes("4GB", "cpu", 2)[0] == budget_bytes("4GB", "cpu", 1)[0]  # train.memory is per process
+    assert local_processes({"LOCAL_WORLD_SIZE": "2"}) == 2 and local_processes({}) == 1
+    with pytest.raises(DistributedError, match="LOCAL_WORLD_SIZE='two'"):
+        local_processes({"LOCAL_WORLD_SIZE": "two"})

@@ -102,6 +102,15 @@ class World:
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def local_processes(env: Mapping[str, str] | None = None) -> int:
+    """How many processes share this machine: torchrun's LOCAL_WORLD_SIZE (1 outside torchrun). Raises
+    DistributedError when it is set to something other than a positive integer."""
+    value = (os.environ if env is None else env).get("LOCAL_WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise DistributedError(f"LOCAL_WORLD_SIZE={value!r}: must be a positive integer (torchrun sets it)")
+    return int(value)
+
+
 def world_from_env(env: Mapping[str, str] | None = None) -> World:
     """The World torchrun describes in ``env`` (default ``os.environ``); a single process when none of
     RANK / WORLD_SIZE / LOCAL_RANK is set. Raises DistributedError naming the variable for a missing or

@@ -54,6 +54,7 @@ class FitChoice:
     reserve: float
     capacity: float
     budget: str
+    processes: int = 1  # torchrun processes, each running this micro-batch: the effective batch counts them all
 
     @property
     def peak(self) -> float:
@@ -62,8 +63,9 @@ class FitChoice:
 
     def describe(self) -> str:
         """``auto-fit: batch_size 4 x grad_accum 2, gradient checkpointing off; estimated peak 1.20 GiB ...``."""
-        return (f"auto-fit: batch_size {self.batch} x grad_accum {self.grad_accum} (effective batch "
-                f"{self.batch * self.grad_accum}), gradient checkpointing {'on' if self.checkpointing else 'off'}; "
+        procs = f" x {self.processes} processes" if self.processes > 1 else ""
+        return (f"auto-fit: batch_size {self.batch} x grad_accum {self.grad_accum}{procs} (effective batch "
+                f"{self.batch * self.grad_accum * self.processes}), gradient checkpointing {'on' if self.checkpointing else 'off'}; "
                 f"estimated peak {self.peak / GIB:.2f} GiB (+ {self.reserve / GIB:.2f} GiB reserve) of "
                 f"{self.capacity / GIB:.2f} GiB ({self.budget})")
 
@@ -160,27 +162,42 @@ def divisors(n: int) -> list[int]:
 
 
 def choose_fit(cfg: RunConfig, arch: Architecture, capacity: float, device: str = "cpu",
-               budget: str = "train.memory") -> FitChoice:
-    """The largest micro-batch dividing ``cfg.effective_batch`` that fits ``capacity`` bytes: without gradient
-    checkpointing first (no recompute), then with it; ``train.grad_checkpointing: true`` is kept on.
+               budget: str = "train.memory", processes: int = 1) -> FitChoice:
+    """The largest micro-batch dividing each process's share of ``cfg.effective_batch`` that fits ``capacity``
+    bytes (one process's budget): without gradient checkpointing first (no recompute), then with it;
+    ``train.grad_checkpointing: true`` is kept on.
 
     Raises NothingFits (slimtune plan's sentence: what batch 1 with checkpointing needs, and how much more
     than ``capacity`` that is), ValueError from the estimator (an unknown target module, named).
     """
     reserve = reserve_for(device)
+    per_process = per_process_batch(cfg.effective_batch, processes)
     for ckpt in ((True,) if cfg.train.grad_checkpointing else (False, True)):
-        for batch in divisors(cfg.effective_batch):
+        for batch in divisors(per_process):
             total = step_bytes(cfg, arch, batch, ckpt, device)
             transient = transient_bytes(arch, batch, cfg.data.max_length)
             if total + transient + reserve <= capacity:
-                return FitChoice(batch, cfg.effective_batch // batch, ckpt, total, transient, reserve, capacity,
-                                 budget)
+                return FitChoice(batch, per_process // batch, ckpt, total, transient, reserve, capacity,
+                                 budget, processes)
     need = step_bytes(cfg, arch, 1, True, device) + transient_bytes(arch, 1, cfg.data.max_length) + reserve
     method, precision, _ = estimator_inputs(cfg, 1, True, device)
     recipe = Recipe(method.name, precision.base_dtype(method.name), method.rank, precision.optimizer)
     raise NothingFits(nothing_fits(
         f"{recipe.label()}, batch 1, gradient checkpointing, {cfg.data.max_length} tokens", need, capacity,
         f"you have ({budget})", "Use a shorter data.max_length, quantize: nf4, a smaller adapter, or more memory."))
+
+
+class UnevenBatch(ValueError):
+    """The effective batch does not split evenly over the processes."""
+
+
+def per_process_batch(effective: int, processes: int) -> int:
+    """Examples each of ``processes`` processes trains per optimizer step; UnevenBatch unless it divides."""
+    if effective % processes:
+        raise UnevenBatch(f"train.effective_batch={effective}: must be a multiple of the {processes} processes "
+                          f"(each trains an equal share of every step): use {processes * max(1, effective // processes)}"
+                          f" or {processes * (effective // processes + 1)}")
+    return effective // processes
 
 
 def available_bytes(device: str) -> float:
@@ -198,14 +215,18 @@ def available_bytes(device: str) -> float:
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def budget_bytes(memory: str | None, device: str) -> tuple[float, str]:
-    """(bytes, where they came from) for ``train.memory`` (None: what is free now on ``device``)."""
+def budget_bytes(memory: str | None, device: str, local_processes: int = 1) -> tuple[float, str]:
+    """(bytes, where they came from) for one process: ``train.memory`` (a per-process budget, like a GPU's), or
+    None: what is free now on ``device``; on CPU the machine's RAM is shared by its ``local_processes``."""
     from slimtune.memory.presets import gpu_bytes
 
     if memory is not None:
         return gpu_bytes(memory), f"train.memory={memory}"
     free = available_bytes(device)
-    return free, ("free GPU memory" if device == "cuda" else "available RAM") + f" {free / GIB:.1f} GiB"
+    if device == "cuda":
+        return free, f"free GPU memory {free / GIB:.1f} GiB"
+    share = f" / {local_processes} processes" if local_processes > 1 else ""
+    return free / local_processes, f"available RAM {free / GIB:.1f} GiB{share}"
 
 
 def apply_fit(cfg: RunConfig, choice: FitChoice) -> RunConfig:
@@ -215,10 +236,12 @@ def apply_fit(cfg: RunConfig, choice: FitChoice) -> RunConfig:
     return dataclasses.replace(cfg, train=train)
 
 
-def resolve_auto(cfg: RunConfig, device: str = "cpu", recorded: dict[str, Any] | None = None
-                 ) -> tuple[RunConfig, FitChoice | None]:
+def resolve_auto(cfg: RunConfig, device: str = "cpu", recorded: dict[str, Any] | None = None,
+                 processes: int = 1, local_processes: int = 1) -> tuple[RunConfig, FitChoice | None]:
     """``cfg`` unchanged (and None) unless ``train.batch_size`` is auto; else the fitted config and the choice.
 
+    ``processes``: torchrun's world size (``train.effective_batch`` is split over them); ``local_processes``:
+    how many of them share this machine's RAM when no ``train.memory`` is given.
     ``recorded``: the ``train`` section of the config.yaml an interrupted run wrote; a resumed run keeps its
     batch, accumulation and checkpointing (free memory may have changed since, the data order must not).
     Raises NothingFits, ModelLoadError, ValueError (see :func:`choose_fit`).
@@ -226,14 +249,14 @@ def resolve_auto(cfg: RunConfig, device: str = "cpu", recorded: dict[str, Any] |
     if cfg.train.batch_size != AUTO:
         return cfg, None
     arch = architecture_of(cfg.model.name)
-    capacity, budget = budget_bytes(cfg.train.memory, device)
+    capacity, budget = budget_bytes(cfg.train.memory, device, local_processes)
     if recorded and isinstance(recorded.get("batch_size"), int):
         batch, ckpt = recorded["batch_size"], bool(recorded.get("grad_checkpointing"))
         choice = FitChoice(batch, int(recorded.get("grad_accum", 1)), ckpt, step_bytes(cfg, arch, batch, ckpt, device),
                            transient_bytes(arch, batch, cfg.data.max_length), reserve_for(device), capacity,
-                           budget + ", as recorded by the interrupted run")
+                           budget + ", as recorded by the interrupted run", processes)
     else:
-        choice = choose_fit(cfg, arch, capacity, device, budget)
+        choice = choose_fit(cfg, arch, capacity, device, budget, processes)
     return apply_fit(cfg, choice), choice
 
 

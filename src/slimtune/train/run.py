@@ -29,8 +29,9 @@ from slimtune.train import evaluate as ev
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
 from slimtune.train.config import RunConfig, save_run_config
 from slimtune.train.datasets import RunData, build_run_data
-from slimtune.train.distributed import World, process_group, seed_ranks, shard_base, world_from_env, wrap_ddp
-from slimtune.train.fit import NothingFits, recorded_train, resolve_auto
+from slimtune.train.distributed import (World, local_processes, process_group, seed_ranks, shard_base,
+                                        world_from_env, wrap_ddp)
+from slimtune.train.fit import NothingFits, UnevenBatch, recorded_train, resolve_auto
 from slimtune.train.loop import LoopConfig, train_loop
 from slimtune.train.model import DTYPES, ModelLoadError, enable_checkpointing, load_model, load_tokenizer
 from slimtune.train.sampler import EpochSampler
@@ -85,7 +86,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     log = log if world.is_main else (lambda line: None)
     run_dir = Path(cfg.output_dir)
     _check_start(cfg, run_dir, resume, world)
-    cfg = _auto_fit(cfg, run_dir, resume, log)  # train.batch_size: auto -> numbers, before anything heavy loads
+    cfg = _auto_fit(cfg, run_dir, resume, log, world)  # train.batch_size: auto -> numbers, before anything heavy loads
     _seed_everything(cfg.train.seed)
     task = "classification" if cfg.data.format == "classification" else "causal"
     tokenizer = load_tokenizer(cfg.model.name)
@@ -170,12 +171,13 @@ def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
     return save_pretrained_atomic(model, target, tokenizer)
 
 
-def _auto_fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunConfig:
+def _auto_fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None], world: World) -> RunConfig:
     """Resolve ``train.batch_size: auto`` from the model's config alone and print the choice; RunError when
     nothing fits. The model stays on the CPU it loads on, so the budget is the CPU's."""
     try:
-        cfg, choice = resolve_auto(cfg, "cpu", recorded_train(run_dir) if resume else None)
-    except NothingFits as e:
+        cfg, choice = resolve_auto(cfg, "cpu", recorded_train(run_dir) if resume else None,
+                                   world.world_size, local_processes())
+    except (NothingFits, UnevenBatch) as e:
         raise RunError(str(e)) from None
     except ModelLoadError:
         raise

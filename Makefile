@@ -47,6 +47,8 @@ bench: setup bench-data
 	$(BIN)/python benchmarks/methods_bottleneck_latency.py
 	$(BIN)/python benchmarks/methods_compare.py
 	$(BIN)/python benchmarks/train_throughput.py   # ~14 min; makes benchmarks/.venv-trl on first use
+	$(BIN)/python benchmarks/unet_memory.py
+	$(BIN)/python benchmarks/sweep_bbc.py          # ~6 min: a real 2x2 sweep on the bundled model
 
 clean:
 	rm -rf $(VENV) runs

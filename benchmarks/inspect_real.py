@@ -6,8 +6,8 @@
    linear layer of the fine-tune (the most any all-linear adapter can reach).
 2. Compress: a LoRA from `slimtune train`, compressed at rank 4 and at 95% energy: size, energy kept, eval loss.
 
-Eval loss is the run's own held-out set (its config.yaml), token-weighted cross-entropy. Run under the heavy lock:
-    flock /work/wt/notes/heavy.lock python benchmarks/inspect_real.py FULL_RUN_DIR LORA_RUN_DIR
+Eval loss is the run's own held-out set (its config.yaml), token-weighted cross-entropy. Run it on a quiet machine:
+    .venv/bin/python benchmarks/inspect_real.py FULL_RUN_DIR LORA_RUN_DIR
 Writes benchmarks/results/inspect_real.md.
 """
 

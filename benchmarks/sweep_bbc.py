@@ -1,6 +1,6 @@
 """A real sweep on the bundled model: SmolLM2-135M + LoRA on BBC News topics, adapter.r x train.lr.
 
-    flock /work/wt/notes/heavy.lock python benchmarks/sweep_bbc.py [--steps 10] [--out runs/sweep-bbc]
+    .venv/bin/python benchmarks/sweep_bbc.py [--steps 10] [--out runs/sweep-bbc]
 
 Writes a small train / eval split of the bundled BBC News chat rows (200 / 16 articles, so the greedy answers of
 the held-out set stay quick), runs ``slimtune sweep`` over ``adapter.r=4,16`` x ``train.lr=3e-4,1e-3`` with

@@ -82,7 +82,7 @@ class Engine:
         self.next_ids: Tensor | None = None  # (B,) the token each row feeds next
         self.admitting: list[Request] = []  # taken from the queue, not yet in the batch
         self.eos = eos_ids(model.base, self.tokenizer)
-        self.context = int(getattr(model.base.config, "max_position_embeddings", 1 << 30))
+        self.context = model.context_length
 
     @property
     def busy(self) -> bool:
@@ -128,8 +128,8 @@ class Engine:
         positions = self.mask.sum(1, keepdim=True)  # (B, 1): real tokens before the new one
         self.mask = F.pad(self.mask, (0, 1), value=1)
         out = self.model.forward(self.next_ids[:, None], [r.adapter for r in self.running],
-                                 attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
-                                 use_cache=True)
+                                 attention_mask=self.mask, position_ids=positions, cache=self.cache,
+                                 use_cache=True, logits_to_keep=1)
         self._sample(self.running, out.logits[:, -1])
 
     def _admit(self) -> None:
@@ -137,6 +137,7 @@ class Engine:
         while self.waiting and len(self.running) + len(new) < self.max_batch:
             r = self.waiting.popleft()
             if r.cancelled:
+                r.emit("error", RuntimeError("cancelled"))
                 continue
             if r.adapter is not None and r.adapter not in self.model.slots:
                 r.emit("error", self.model_error(r.adapter))
@@ -153,7 +154,7 @@ class Engine:
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (n, L): each row counts from its first real token
         cache = DynamicCache()
         out = self.model.forward(ids, [r.adapter for r in new], attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
+                                 cache=cache, use_cache=True, logits_to_keep=1)
         self._join(new, cache, mask)
         self.admitting = []
         self._sample(new, out.logits[:, -1])

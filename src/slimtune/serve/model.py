@@ -104,6 +104,11 @@ class MultiAdapterModel:
         return torch.tensor(out, dtype=torch.long, device=self.device)
 
     @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt + completion) the base model takes."""
+        return int(getattr(self.base.config, "max_position_embeddings", 1 << 30))
+
+    @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
@@ -112,7 +117,7 @@ class MultiAdapterModel:
     def forward(self, input_ids: Tensor, adapters: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward on ``input_ids`` (N, T), row n through ``adapters[n]`` (None: the base).
 
-        Extra keyword arguments (attention_mask, position_ids, past_key_values, ...) go to the base model.
+        Extra keyword arguments (attention_mask, position_ids, cache, ...) go to the base model.
         """
         with self.lock:
             rows = None if adapters is None else self.rows(adapters)

@@ -53,3 +53,14 @@ def three_adapters(tmp_path: Path):
                               target_modules=["k_proj", "o_proj", "up_proj"]),
     }
     return base, folders
+
+
+def tiny_vocab_llama(seed: int = 0, layers: int = 2):
+    """A tiny random Llama with SmolLM2's vocabulary (49,152), so the real tokenizer and chat template apply."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    return LlamaForCausalLM(cfg).eval()

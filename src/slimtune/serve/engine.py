@@ -81,6 +81,7 @@ class Engine:
         self.mask: Tensor | None = None  # (B, L) 1 = real token, 0 = left padding
         self.next_ids: Tensor | None = None  # (B,) the token each row feeds next
         self.admitting: list[Request] = []  # taken from the queue, not yet in the batch
+        self.outbox: list[tuple[Request, str, Any]] = []  # events of this step, delivered after the lock
         self.eos = eos_ids(model.base, self.tokenizer)
         self.context = model.context_length
 
@@ -118,10 +119,22 @@ class Engine:
                 self._drop_finished()
         except Exception as e:  # noqa: BLE001 - a failing step fails its requests, never the serving thread
             for r in self.running + self.admitting:
-                if not r.done.is_set():
-                    r.emit("error", e)
+                if r.finish_reason is None:
+                    self.emit(r, "error", e)
             self.admitting = []
             self.running, self.cache, self.mask, self.next_ids = [], None, None, None
+        finally:
+            self.flush()
+
+    def emit(self, r: Request, kind: str, value: Any) -> None:
+        self.outbox.append((r, kind, value))
+
+    def flush(self) -> None:
+        """Deliver this step's events outside the model lock: a sink may take other locks (the registry's,
+        whose holder may be waiting for the model lock to load an adapter)."""
+        events, self.outbox = self.outbox, []
+        for r, kind, value in events:
+            r.emit(kind, value)
 
     # -- the two kinds of forward -------------------------------------------------------
     def _decode(self) -> None:
@@ -137,10 +150,10 @@ class Engine:
         while self.waiting and len(self.running) + len(new) < self.max_batch:
             r = self.waiting.popleft()
             if r.cancelled:
-                r.emit("error", RuntimeError("cancelled"))
+                self.emit(r, "error", RuntimeError("cancelled"))
                 continue
             if r.adapter is not None and r.adapter not in self.model.slots:
-                r.emit("error", self.model_error(r.adapter))
+                self.emit(r, "error", self.model_error(r.adapter))
                 continue
             new.append(r)
         if not new:
@@ -202,21 +215,21 @@ class Engine:
             return self._finish(r, "length")
         end = safe_prefix(r.text, r.params.stop)
         if end > r.streamed:
-            r.emit("delta", r.text[r.streamed:end])
+            self.emit(r, "delta", r.text[r.streamed:end])
             r.streamed = end
 
     def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
         if len(r.text) > r.streamed:
-            r.emit("delta", r.text[r.streamed:])
+            self.emit(r, "delta", r.text[r.streamed:])
             r.streamed = len(r.text)
-        r.emit("done", Completion(r.text, list(r.token_ids), reason, len(r.prompt_ids)))
+        self.emit(r, "done", Completion(r.text, list(r.token_ids), reason, len(r.prompt_ids)))
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self.running) if r.finish_reason is None and not r.cancelled]
         for i, r in enumerate(self.running):
             if r.cancelled and r.finish_reason is None:
-                r.emit("error", RuntimeError("cancelled"))
+                self.emit(r, "error", RuntimeError("cancelled"))
         if len(keep) == len(self.running):
             return
         if not keep:

@@ -48,6 +48,8 @@ class AdapterRegistry:
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # loaded, oldest first
         self.in_use: collections.Counter[str] = collections.Counter()
         self.lock = threading.RLock()
+        self.freed = threading.Condition(self.lock)  # notified when a pin is released
+        self.wait_s = 30.0  # how long a request waits for a loaded adapter to become evictable
         for sub in sorted(self.root.iterdir()):
             if (sub / CONFIG_NAME).is_file() and sub.resolve().is_relative_to(self.root):
                 try:
@@ -100,10 +102,16 @@ class AdapterRegistry:
             del self.folders[name]
 
     def acquire(self, name: str) -> None:
-        """Make sure ``name`` is loaded (reloading an evicted one) and pin it until ``release``."""
+        """Make sure ``name`` is loaded (reloading an evicted one) and pin it until ``release``. When it must be
+        loaded and every loaded adapter is pinned, wait up to ``wait_s`` for one to be released (then
+        AdapterBusy, 503)."""
         with self.lock:
             if name not in self.folders:
                 raise UnknownAdapter(f"model={name!r}: no such model; served: {self.names() or 'none'} and the base")
+            if name not in self.recent:
+                self.freed.wait_for(lambda: name in self.recent or not self._full(), timeout=self.wait_s)
+                if name not in self.folders:
+                    raise UnknownAdapter(f"model={name!r}: unloaded while waiting")
             if name in self.recent:
                 self.recent.move_to_end(name)
             else:
@@ -115,6 +123,12 @@ class AdapterRegistry:
             self.in_use[name] -= 1
             if self.in_use[name] <= 0:
                 del self.in_use[name]
+                self.freed.notify_all()
+
+    def _full(self) -> bool:
+        """Whether a load now would need an eviction and every loaded adapter is pinned."""
+        return self.max_loaded is not None and len(self.recent) >= self.max_loaded \
+            and all(self.in_use[n] for n in self.recent)
 
     def _load(self, name: str, path: Path) -> None:
         if self.max_loaded is not None and len(self.recent) >= self.max_loaded:

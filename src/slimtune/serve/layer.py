@@ -3,8 +3,8 @@
 The idea of Punica's BGMV and S-LoRA: instead of merging one adapter into the base weight, keep every adapter's
 A and B stacked by *slot* and, per row of the batch, gather that row's A and B and run two batched matmuls. The
 base matmul is shared by all rows. Adapters of different ranks are zero-padded to the largest rank loaded, and an
-adapter that does not target a layer has an all-zero slot there: both contribute exactly 0, so one batch can mix
-adapters of any ranks and target sets. Torch only: no files, no HTTP.
+adapter that does not target a layer has an all-zero slot there: both add exact zeros (a padded sum may round
+differently in the last bit, 1e-7 relative), so one batch can mix adapters of any ranks and target sets. Torch only: no files, no HTTP.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def batched_lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, rows: Ten
     """The LoRA update for each row: s_k (x_n A_k^T) B_k^T with k = rows[n].
 
     x: (N, T, d_in); A: (S, R, d_in); B: (S, d_out, R); scale: (S,); rows: (N,) long in [0, S).
-    Returns (N, T, d_out) in A's dtype. Zero-padded ranks and zero slots add exactly 0.
+    Returns (N, T, d_out) in A's dtype. Zero-padded ranks and zero slots add zeros.
     """
     a = A.index_select(0, rows)  # (N, R, d_in): the BGMV gather
     b = B.index_select(0, rows)  # (N, d_out, R)
@@ -105,7 +105,7 @@ class MultiLoraLinear(nn.Module):
                 self.scale[slot] = 0.0
 
     def _grow(self, S: int, R: int) -> None:
-        """New zero buffers of S slots and rank R holding the old ones (zero padding is exact)."""
+        """New zero buffers of S slots and rank R holding the old ones (the padding adds zeros)."""
         old_s, old_r = self.A.shape[:2]
         A = self.A.new_zeros(S, R, self.A.shape[2])
         B = self.B.new_zeros(S, self.B.shape[1], R)

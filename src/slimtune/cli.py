@@ -86,6 +86,9 @@ def version() -> None:
 
 
 register_memory_commands(app)  # estimate, plan
+from slimtune.serve.commands import register as register_serve_commands  # noqa: E402 - beside its call
+
+register_serve_commands(app)  # serve, blend
 
 
 def main() -> None:  # pragma: no cover - console entry point

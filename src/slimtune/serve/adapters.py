@@ -69,7 +69,7 @@ def read_servable(path: str | os.PathLike, model: nn.Module, bases: dict[str, nn
     folder = read_folder(path)
     config = folder.config
     refuse_unbatchable(config, folder.config_path)
-    modules = _lora_modules(folder.tensors, folder.weights_path)
+    modules = lora_modules(folder.tensors, folder.weights_path)
     weights = {}
     for name, (A, B) in modules.items():
         base = bases.get(name)
@@ -108,7 +108,7 @@ def refuse_unbatchable(config: object, where: object) -> None:
         raise AdapterRefused(f"{where}: cannot be served in a mixed batch: {'; '.join(reasons)}")
 
 
-def _lora_modules(tensors: dict[str, Tensor], where: object) -> dict[str, tuple[Tensor, Tensor]]:
+def lora_modules(tensors: dict[str, Tensor], where: object) -> dict[str, tuple[Tensor, Tensor]]:
     """Module name -> (A, B) from PEFT keys ``base_model.model.<module>.lora_A.weight``. AdapterRefused for any
     other tensor (an embedding or conv LoRA, a bias); AdapterFileError for an A without its B."""
     found: dict[str, dict[str, Tensor]] = {}

@@ -70,5 +70,20 @@ def serve_command(
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+def blend_command(
+    parts: list[str] = typer.Argument(..., help="ADAPTER=WEIGHT pairs, e.g. runs/a/adapter=0.7 runs/b/adapter=0.3"),
+    out: str = typer.Option(..., "-o", "--out", help="folder to write the blended adapter to"),
+    rank: int = typer.Option(None, "--rank", help="truncate each module to this rank by SVD (default: exact, the "
+                             "ranks concatenated); the approximation error is printed"),
+) -> None:
+    """Blend LoRA adapters into one: exactly sum w_i * B_i A_i, or its best rank-k approximation."""
+    from slimtune.files import AdapterFileError
+    from slimtune.serve.blend import blend, parse_parts
+
+    report = run_or_exit_2(lambda: blend(parse_parts(parts), out, rank), (ValueError, AdapterFileError))
+    typer.echo(str(report))
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
+    app.command("blend")(blend_command)

@@ -57,11 +57,16 @@ def create_app(model: MultiAdapterModel, registry: AdapterRegistry, base_id: str
                limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
     """The app; its engine thread starts now and stops at shutdown (``app.state.scheduler``)."""
     scheduler = Scheduler(model, max_batch).start()
-    context = model.context_length
-    max_prompt = limits.max_prompt_tokens or context - 1
     app = FastAPI(title="slimtune serve", lifespan=lifespan(scheduler))
     app.state.scheduler, app.state.registry = scheduler, registry
+    add_error_handling(app, api_key)
+    add_adapter_routes(app, model, registry, base_id, scheduler, limits)
+    add_completion_routes(app, model, registry, base_id, scheduler, limits)
+    return app
 
+
+def add_error_handling(app: FastAPI, api_key: str | None) -> None:
+    """Every error as OpenAI's JSON; with ``api_key``, the bearer check on /v1 routes."""
     @app.exception_handler(ApiError)
     async def _api(_: HttpRequest, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -84,15 +89,21 @@ def create_app(model: MultiAdapterModel, registry: AdapterRegistry, base_id: str
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
-    async def body_of(request: HttpRequest) -> Any:
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise ApiError(413, f"request body of {len(raw)} bytes; at most {limits.max_body_bytes}")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
+async def body_of(request: HttpRequest, limits: Limits) -> Any:
+    """The parsed JSON body. ApiError 413 over ``limits.max_body_bytes``, 400 for anything not JSON."""
+    raw = await request.body()
+    if len(raw) > limits.max_body_bytes:
+        raise ApiError(413, f"request body of {len(raw)} bytes; at most {limits.max_body_bytes}")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def add_adapter_routes(app: FastAPI, model: MultiAdapterModel, registry: AdapterRegistry, base_id: str,
+                       scheduler: Scheduler, limits: Limits) -> None:
+    """/health, /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter."""
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "loaded": sorted(model.slots), "running": len(scheduler.engine.running)}
@@ -108,7 +119,7 @@ def create_app(model: MultiAdapterModel, registry: AdapterRegistry, base_id: str
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(request: HttpRequest) -> dict[str, Any]:
-        body = await body_of(request)
+        body = await body_of(request, limits)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object {lora_name, lora_path}")
         name, path = body.get("lora_name"), body.get("lora_path")
@@ -116,25 +127,32 @@ def create_app(model: MultiAdapterModel, registry: AdapterRegistry, base_id: str
             raise ApiError(400, f"lora_name={name!r}: that is the base model's name", "lora_name")
         try:
             await run_in_threadpool(registry.add, name, path)
-        except Exception as e:  # noqa: BLE001 - mapped to its status below
-            raise api_error(e, "lora_name" if isinstance(e, ValueError) and "lora_name" in str(e) else
-                            "lora_path") from None
+        except Exception as e:  # noqa: BLE001 - mapped to its status
+            about_name = isinstance(e, ValueError) and "lora_name" in str(e)
+            raise api_error(e, "lora_name" if about_name else "lora_path") from None
         return {"object": "lora_adapter", "id": name, "status": "loaded"}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(request: HttpRequest) -> dict[str, Any]:
-        body = await body_of(request)
+        body = await body_of(request, limits)
         name = body.get("lora_name") if isinstance(body, dict) else None
         if not isinstance(name, str):
             raise ApiError(400, f"lora_name={name!r}: required, the adapter's name", "lora_name")
         try:
             registry.remove(name)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - mapped to its status
             raise api_error(e, "lora_name") from None
         return {"object": "lora_adapter", "id": name, "status": "unloaded"}
 
+
+def add_completion_routes(app: FastAPI, model: MultiAdapterModel, registry: AdapterRegistry, base_id: str,
+                          scheduler: Scheduler, limits: Limits) -> None:
+    """/v1/completions and /v1/chat/completions."""
+    context = model.context_length
+    max_prompt = limits.max_prompt_tokens or context - 1
+
     async def complete(request: HttpRequest, chat: bool) -> Any:
-        call = api.parse_call(await body_of(request), chat, limits)
+        call = api.parse_call(await body_of(request, limits), chat, limits)
         prompts = [prompt_ids(model, p, call, max_prompt, context) for p in call.prompts]
         adapter = None if call.model == base_id else call.model
         return await run_call(call, prompts, adapter, registry, scheduler)
@@ -146,8 +164,6 @@ def create_app(model: MultiAdapterModel, registry: AdapterRegistry, base_id: str
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest) -> Any:
         return await complete(request, chat=True)
-
-    return app
 
 
 def lifespan(scheduler: Scheduler) -> Any:

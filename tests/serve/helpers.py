@@ -10,7 +10,7 @@ import torch
 from tests.conftest import randomize_adapters, tiny_llama
 
 
-def slimtune_adapter(base, folder: Path, seed: int, **lora) -> Path:
+def slimtune_adapter(base, folder: Path, seed: int, std: float = 0.2, **lora) -> Path:
     """Inject a LoRA (``lora`` -> LoraConfig) into a copy of ``base``, give it random weights, save it."""
     from slimtune.config import LoraConfig
     from slimtune.files import save_adapter
@@ -18,11 +18,11 @@ def slimtune_adapter(base, folder: Path, seed: int, **lora) -> Path:
 
     model = copy.deepcopy(base)
     inject(model, LoraConfig(**lora))
-    randomize_adapters(model, std=0.2, seed=seed)
+    randomize_adapters(model, std=std, seed=seed)
     return save_adapter(model, folder)
 
 
-def peft_adapter(base, folder: Path, seed: int, **lora) -> Path:
+def peft_adapter(base, folder: Path, seed: int, std: float = 0.2, **lora) -> Path:
     """The same with Hugging Face PEFT (its own config and key names; no slimtune metadata)."""
     from peft import LoraConfig, get_peft_model
 
@@ -31,7 +31,7 @@ def peft_adapter(base, folder: Path, seed: int, **lora) -> Path:
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     model.save_pretrained(folder)
     return folder
 

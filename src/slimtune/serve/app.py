@@ -76,8 +76,9 @@ def add_error_handling(app: FastAPI, api_key: str | None) -> None:
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def _crash(_: HttpRequest, e: Exception) -> JSONResponse:
-        return JSONResponse(api_error(e).body(), status_code=500)
+    async def _crash(_: HttpRequest, e: Exception) -> JSONResponse:  # a library error raised outside a try
+        err = api_error(e)
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.middleware("http")
     async def _auth(request: HttpRequest, call_next: Any) -> Any:

@@ -103,6 +103,24 @@ def test_chat_completion_uses_the_chat_template(client, world):
     assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == ids.shape[1]
 
 
+def test_a_client_leaving_mid_stream_frees_its_row_and_pin(world):
+    app = make_app(world, limits=Limits(max_tokens=240))
+    submitted = []
+    submit = app.state.scheduler.submit
+    app.state.scheduler.submit = lambda r: (submitted.append(r), submit(r))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        stream = client.completions.create(model="qv4", prompt="Tell me", max_tokens=240, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()  # the client goes away after the first piece
+        deadline = time.monotonic() + 10
+        while app.state.registry.in_use or app.state.scheduler.engine.busy:
+            assert time.monotonic() < deadline, "the abandoned request still runs"
+            time.sleep(0.05)
+    (request,) = submitted
+    assert request.cancelled and request.finish_reason is None and len(request.token_ids) < 240
+
+
 def test_streaming_equals_the_whole_answer_and_ends_with_done(client, server):
     whole = client.completions.create(model="qv4", prompt="Once upon a time", max_tokens=10, temperature=0)
     pieces = list(client.completions.create(model="qv4", prompt="Once upon a time", max_tokens=10, temperature=0,
@@ -229,7 +247,8 @@ def test_lru_evicts_the_least_recent_unpinned_and_reloads_on_demand(world):
 
 def test_bounded_load_test(world, capsys):
     """32 clients x 3 requests over 4 models, all at once: 0 errors; prints throughput and latency percentiles."""
-    with running(make_app(world, max_batch=16, max_loaded=2)) as url:
+    app = make_app(world, max_batch=16, max_loaded=2)
+    with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         names = [BASE, "qv4", "all8", "peft2"]
 
@@ -245,6 +264,7 @@ def test_bounded_load_test(world, capsys):
     lat = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     assert len(results) == 96 and tokens == 96 * 8
+    assert not app.state.registry.in_use and not app.state.scheduler.engine.busy  # every pin released
     with capsys.disabled():
         print(f"\nload test: 96 requests (32 clients, 4 models, max-loaded 2) in {wall:.2f} s: "
               f"{96 / wall:.1f} req/s, {tokens / wall:.0f} tokens/s, p50 {lat[47]:.2f} s, p95 {lat[91]:.2f} s")

@@ -27,7 +27,7 @@ from slimtune.config import LoraConfig
 from slimtune.files import PREFIX, AdapterFileError, read_folder
 from slimtune.injection import is_linear_like
 from slimtune.merging import lora_scale
-from slimtune.serve.layer import linear_dims
+from slimtune.serve.layer import MultiLoraLinear, linear_dims
 
 LORA_KEYS = ("lora_A.weight", "lora_B.weight")
 
@@ -158,8 +158,6 @@ def _has(model: nn.Module, name: str) -> bool:
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Module name -> every Linear-like layer of ``model`` (seeing through serving wrappers)."""
-    from slimtune.serve.layer import MultiLoraLinear
-
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, MultiLoraLinear):

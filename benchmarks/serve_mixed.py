@@ -63,7 +63,7 @@ def prefill_and_decode(forward, ids: torch.Tensor) -> tuple[float, float, torch.
 
     def decode():
         forward(step, cache)
-        cache.crop(ids.shape[1])  # back to the prefilled length: every rep decodes the same step
+        cache.crop(-step.shape[1])  # back to the prefilled length: every rep decodes the same step
 
     with torch.no_grad():
         return timed(lambda: forward(ids, DynamicCache()), 3), timed(decode), logits

@@ -98,13 +98,13 @@ def main() -> None:
     plain = prefill_and_decode(lambda x, c: base(input_ids=x, cache=c, use_cache=True), ids)
     single = prefill_and_decode(lambda x, c: served.forward(x, one, cache=c, use_cache=True), ids)
     fused = prefill_and_decode(lambda x, c: merged(input_ids=x, cache=c, use_cache=True), ids)
-    torch.testing.assert_close(single[2], fused[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(single[2], fused[2], rtol=1e-3, atol=1e-3)  # merged: 30 layers of other rounding
     rows = ids.shape[0]
     lines = [
         "# serve_mixed: mixed-adapter batches, slimtune vs PEFT `adapter_names=` (same run)", "",
         f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads), {ADAPTERS} LoRA adapters r=8 on q,k,v,o, "
         f"{ADAPTERS} x {ROWS_EACH} = {rows} rows; prefill {PREFILL} tokens per row; decode: one token per row on a "
-        f"{PREFILL}-token cache. Median of {REPS} (prefill: 3). Logits checked equal (1e-4) first.", "",
+        f"{PREFILL}-token cache. Median of {REPS} (prefill: 3). Logits checked equal first (mixed vs PEFT 1e-4; unmerged vs merged 1e-3).", "",
         "| workload | slimtune | peer | ratio |", "|---|---|---|---|",
         f"| mixed batch prefill (tokens/s) | {rows * PREFILL / ours[0]:.0f} | PEFT {rows * PREFILL / theirs[0]:.0f} "
         f"| {theirs[0] / ours[0]:.2f}x |",

@@ -16,6 +16,7 @@ from slimtune.cli_errors import exit_2_on_bad_input, run_or_exit_2
 from slimtune.export.commands import register as register_export_commands
 from slimtune.inspect.commands import register as register_inspect_commands
 from slimtune.memory.commands import register as register_memory_commands
+from slimtune.serve.commands import register as register_serve_commands
 from slimtune.sweep.commands import register as register_sweep_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -104,6 +105,7 @@ register_memory_commands(app)  # estimate, plan
 register_inspect_commands(app)  # inspect, compress, extract, report
 register_export_commands(app)  # export
 register_sweep_commands(app)  # sweep
+register_serve_commands(app)  # serve, blend
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,167 @@
+"""Reading an adapter folder for serving: slimtune's reader and checks, then what batching needs.
+
+``files.read_folder`` reads only JSON and safetensors and checks the config, the tensors (floating point,
+finite) and slimtune's manifest. On top, an adapter served in a mixed batch must be a plain low-rank update
+y += s (x A^T) B^T of Linear-like layers; everything else is refused with the reason (``AdapterRefused``):
+
+- DoRA rescales each output row of the *merged* weight W0 + s B A by m / ||W0 + s B A||: the update is not
+  low-rank and depends on the whole weight, so it cannot be one gathered term of a shared batch. Merge it
+  (``slimtune.merge``) and serve the merged model instead.
+- Bottleneck adapters add a non-linear module after a layer, prompt tuning prepends virtual tokens (changing
+  every row's length), ``modules_to_save`` replaces whole modules per adapter, and trained biases replace the
+  base's bias: none is a per-row low-rank term.
+- PiSSA/OLoRA files are relative to a *rewritten* base (W0 - s B0 A0), which a shared base cannot be.
+A base-model fingerprint that does not match, or an adapter trained on an NF4 base served on a float base (or
+back), is ``BaseMismatch``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from slimtune import fingerprint
+from slimtune.config import LoraConfig
+from slimtune.files import PREFIX, AdapterFileError, read_folder
+from slimtune.injection import is_linear_like
+from slimtune.merging import lora_scale
+from slimtune.serve.layer import MultiLoraLinear, linear_dims
+
+LORA_KEYS = ("lora_A.weight", "lora_B.weight")
+
+
+class AdapterRefused(ValueError):
+    """The adapter is valid but cannot be served in a mixed batch (the message says why)."""
+
+
+class BaseMismatch(ValueError):
+    """The adapter was trained on another base model or another quantization scheme of it."""
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One module's update: A (r, d_in), B (d_out, r), scale s."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class ServableAdapter:
+    """A validated adapter: module name (as in the base model) -> its LoRA weights."""
+
+    path: str
+    config: LoraConfig
+    modules: dict[str, LoraWeights]
+
+    @property
+    def max_rank(self) -> int:
+        return max(w.A.shape[0] for w in self.modules.values())
+
+
+def read_servable(path: str | os.PathLike, model: nn.Module, bases: dict[str, nn.Module]) -> ServableAdapter:
+    """Read and check the adapter folder at ``path`` against ``model``, whose Linear-like base layers by module name
+    are ``bases``. Raises AdapterFileError (a bad folder), AdapterRefused (not batchable, with the reason) or
+    BaseMismatch (another base). Reads only; the model is untouched."""
+    folder = read_folder(path)
+    config = folder.config
+    refuse_unbatchable(config, folder.config_path)
+    modules = lora_modules(folder.tensors, folder.weights_path)
+    weights = {}
+    for name, (A, B) in modules.items():
+        base = bases.get(name)
+        if base is None:
+            kind = type(model.get_submodule(name)).__name__ if _has(model, name) else None
+            raise AdapterRefused(f"{folder.weights_path}: module {name!r} " + (
+                f"is a {kind}; only Linear-like layers are served" if kind else "does not exist in this model"))
+        d_in, d_out = linear_dims(base)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
+            raise AdapterFileError(f"{folder.weights_path}: {name} has lora_A {tuple(A.shape)} and lora_B "
+                                   f"{tuple(B.shape)}; this model needs (r, {d_in}) and ({d_out}, r)")
+        r = A.shape[0]
+        weights[name] = LoraWeights(A.float(), B.float(), lora_scale(config.alpha_for(name), r, config.use_rslora))
+    if folder.fingerprint is not None:
+        check_base(folder.fingerprint, model, {n: bases[n] for n in weights}, folder.weights_path)
+    return ServableAdapter(str(path), config, weights)
+
+
+def refuse_unbatchable(config: object, where: object) -> None:
+    """AdapterRefused naming what makes ``config`` unservable in a mixed batch (see the module docstring)."""
+    if not isinstance(config, LoraConfig):
+        method = getattr(config, "method", type(config).__name__)
+        raise AdapterRefused(f"{where}: a {method} adapter is not a low-rank update of linear layers, so it cannot "
+                             "share a batch with others; only LoRA adapters are served")
+    reasons = []
+    if config.use_dora:
+        reasons.append("use_dora=True (DoRA renormalises each row of the merged weight, not a low-rank term; "
+                       "merge it and serve the merged model)")
+    if config.init in ("pissa", "olora"):
+        reasons.append(f"init={config.init!r} (the file is relative to a rewritten base weight)")
+    if config.modules_to_save:
+        reasons.append(f"modules_to_save={list(config.modules_to_save)} (whole modules replaced per adapter)")
+    if config.bias != "none":
+        reasons.append(f"bias={config.bias!r} (trained biases replace the shared base's)")
+    if reasons:
+        raise AdapterRefused(f"{where}: cannot be served in a mixed batch: {'; '.join(reasons)}")
+
+
+def lora_modules(tensors: dict[str, Tensor], where: object) -> dict[str, tuple[Tensor, Tensor]]:
+    """Module name -> (A, B) from PEFT keys ``base_model.model.<module>.lora_A.weight``. AdapterRefused for any
+    other tensor (an embedding or conv LoRA, a bias); AdapterFileError for an A without its B."""
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        suffix = next((s for s in LORA_KEYS if key.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise AdapterRefused(f"{where}: tensor {key!r} is not a LoRA A/B of a linear layer; only those are "
+                                 "served in a mixed batch")
+        found.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[suffix] = t
+    if not found:
+        raise AdapterFileError(f"{where}: holds no LoRA tensors")
+    out = {}
+    for name, pair in found.items():
+        if len(pair) != 2:
+            raise AdapterFileError(f"{where}: module {name!r} has {list(pair)} but not both of {list(LORA_KEYS)}")
+        out[name] = (pair[LORA_KEYS[0]], pair[LORA_KEYS[1]])
+    return out
+
+
+def check_base(saved: fingerprint.Fingerprint, model: nn.Module, bases: dict[str, nn.Module], where: object) -> None:
+    """BaseMismatch when the fingerprint of the layers the adapter targets differs from the one saved, or the
+    adapter was trained on a 4-bit (NF4) base and this one is not, or back."""
+    current = fingerprint.compute(model, list(bases.items()))
+    for name, fmt in saved.formats.items():
+        now = current.formats.get(name)
+        if now is not None and fmt.startswith("nf4") != now.startswith("nf4"):
+            raise BaseMismatch(
+                f"{where}: adapter was trained on a {_scheme(fmt)} base, this server's base is {_scheme(now)} "
+                f"(e.g. {name}); serve it on a base quantized the same way (slimtune serve --quantize nf4 or not)")
+    try:
+        fingerprint.check(saved, current)
+    except fingerprint.BaseModelMismatch as e:
+        raise BaseMismatch(f"{where}: {e}") from None
+
+
+def _scheme(fmt: str) -> str:
+    return "4-bit NF4" if fmt.startswith("nf4") else f"{fmt} (not quantized)"
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> every Linear-like layer of ``model`` (seeing through serving wrappers)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MultiLoraLinear):
+            out[name] = module.base_layer
+        elif name and is_linear_like(module) and not name.endswith(".base_layer"):
+            out[name] = module
+    return out

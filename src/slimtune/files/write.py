@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from safetensors.torch import save_file
 from torch import nn
 
+from slimtune.atomic import atomic_file
 from slimtune.config import LoraConfig
 from slimtune.control import adapted_layers
 from slimtune.files.diffusers_keys import (DIFFUSERS_WEIGHTS_NAME, METADATA_KEY, component_of, pack_metadata,
@@ -26,14 +26,7 @@ from slimtune.version import __version__
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_file(path, write)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from slimtune.atomic import atomic_folder
 
 
 class OutputExistsError(ValueError):
@@ -20,12 +19,4 @@ def new_folder(out: Path, fill: Callable[[Path], None], what: str = "out") -> Pa
     out = Path(out)
     if out.exists():
         raise OutputExistsError(f"{what}={str(out)!r}: already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        fill(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return atomic_folder(out, fill)

@@ -59,13 +59,8 @@ def build_report(target: str | Path, out: str | Path) -> Path:
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>slimtune report: "
             f"{html.escape(target.name)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: _write_page(Path(tmp), page))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return out
-
-
-def _write_page(tmp: Path, page: str) -> None:
-    tmp.write_text(page, encoding="utf-8")
-    tmp.chmod(0o644)  # a page to open and share, not a secret (the temp file starts private)
 
 
 def _sources(target: Path) -> tuple[Path | None, list[dict] | None, str | None]:

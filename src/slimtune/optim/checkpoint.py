@@ -7,11 +7,11 @@ Tensors of ``optimizer.state_dict()["state"]`` are stored as ``state.<index>.<ke
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from slimtune.atomic import atomic_file
 
 _META = "slimtune_optimizer"
 
@@ -33,15 +33,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> Path:
     meta = {"param_groups": sd["param_groups"], "scalars": scalars}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={_META: json.dumps(meta)}))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> None:

@@ -7,15 +7,13 @@ adds is measured against the merged float32 weights, layer by layer.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimtune.atomic import atomic_folder
 from slimtune.quant.linear4bit import check_dtype
 from slimtune.quant.nf4 import check_block_size, dequantize_nf4, quantize_nf4
 
@@ -73,14 +71,10 @@ def save_pretrained_atomic(model: nn.Module, out_dir: str | Path, tokenizer=None
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"out_dir={str(out)!r}: already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_folder(out, fill)

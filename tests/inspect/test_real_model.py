@@ -23,6 +23,7 @@ def peft_logits(folder, ids):
 
 def test_compress_a_real_adapter_reports_the_logit_error_peft_sees(tmp_path):
     model, _ = load_smollm2()
+    torch.manual_seed(0)  # lora_A's random init: the same adapter every run
     slimtune.inject(model, slimtune.LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -39,7 +40,9 @@ def test_compress_a_real_adapter_reports_the_logit_error_peft_sees(tmp_path):
         z0 = load_smollm2()[0](ids).logits
     z_ref, z_new = peft_logits(tmp_path / "a", ids), peft_logits(tmp_path / "c", ids)
     assert reported.relative == pytest.approx(float((z_new - z_ref).norm() / (z_ref - z0).norm()), rel=1e-3)
-    assert 0 < reported.relative < 1
+    # a generic rank-8 update cut to rank 4 loses about half its energy: the logits must visibly move (the size
+    # of the move relative to the adapter's own effect depends on the model; the oracle check is the line above)
+    assert reported.relative > 0.05
     page = build_report(tmp_path / "a", tmp_path / "r.html").read_text()
     assert page.count("data:image/png") == 3 and page.count("<tr>") == 61
 

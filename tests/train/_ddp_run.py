@@ -49,10 +49,16 @@ def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
+def say(text: str) -> None:
+    """One line in one write: the ranks share a pipe, and print() writes the text and its newline separately."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: float, fsdp: bool,
         nf4: bool = False, step_sleep: float = 0.0) -> None:
     world = world_from_env()
-    print(f"pid {os.getpid()}", flush=True)
+    say(f"pid {os.getpid()}")
     with process_group(world):
         model = tiny_llama()
         if nf4:  # QLoRA: the frozen base in 4 bits (uint8 packed weights: what FSDP2 shards then)
@@ -67,7 +73,7 @@ def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: fl
             shard_base(model, world)
             frozen = [p for p in model.parameters() if not p.requires_grad]
             here = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
-            print(f"frozen values on this rank: {here} of {sum(p.numel() for p in frozen)}", flush=True)
+            say(f"frozen values on this rank: {here} of {sum(p.numel() for p in frozen)}")
         net = wrap_ddp(model, world)
         seed_ranks(0, world)  # as slimtune train: each rank its own dropout stream
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
@@ -92,7 +98,7 @@ def run(run_dir: Path, steps: int, grad_accum: int, save_every: int, dropout: fl
 def report(step: int, sleep: float) -> None:
     """Rank 0's ``step N`` line, then a pause (``--step-sleep``: a test's SIGKILL lands well before the end;
     the other rank waits in the next step's all_reduce)."""
-    print(f"step {step}", flush=True)
+    say(f"step {step}")
     time.sleep(sleep)
 
 

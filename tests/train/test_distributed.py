@@ -171,10 +171,9 @@ def _kill_all_after_step(run_dir: Path, step: int, *flags: str) -> None:
                             start_new_session=True)
     workers: list[int] = []
     try:
-        for line in proc.stdout:
-            if line.startswith("pid "):
-                workers.append(int(line.split()[1]))
-            if line.strip() == f"step {step}":
+        for line in proc.stdout:  # two ranks share the pipe: a line may hold pieces of both, so search in it
+            workers += [int(pid) for pid in re.findall(r"pid (\d+)", line)]
+            if re.search(rf"(?<![\w-])step {step}(?!\d)", line):
                 break
         else:
             pytest.fail(f"the run ended (rc {proc.wait()}) before step {step}")

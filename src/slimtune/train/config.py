@@ -73,11 +73,21 @@ def memory_size(value: Any) -> tuple[Any, str | None]:
     return (value, None) if ok else (value, f"must be a size such as 8GB or 8GiB, or a card ({', '.join(GPUS)})")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a diffusion UNet predicts (the noise, or v)
+
+
+def channels_check(value: Any) -> tuple[Any, str | None]:
+    """Image channels: 1 (grey) or 3 (RGB)."""
+    ok = value in (1, 3) and isinstance(value, int) and not isinstance(value, bool)
+    return (value, None) if ok else (value, "must be 1 (grey) or 3 (RGB)")
+
+
 MODEL_FIELDS: dict[str, Checker] = {"name": text, "dtype": choice(DTYPES)}
 DATA_FIELDS: dict[str, Checker] = {
-    "train": optional(data_path), "eval": optional(data_path), "eval_fraction": fraction,
+    "train": optional(text), "eval": optional(data_path), "eval_fraction": fraction,
     "general": optional(text), "format": choice(FORMATS), "max_length": positive_int, "packing": boolean,
-    "skip_bad_rows": boolean, "text_field": text, "label_field": text, "messages_field": text}
+    "skip_bad_rows": boolean, "text_field": text, "label_field": text, "messages_field": text,
+    "resolution": positive_int, "channels": channels_check}
 TRAIN_FIELDS: dict[str, Checker] = {
     "max_steps": optional(positive_int), "epochs": optional(positive), "batch_size": batch_size_check,
     "memory": optional(memory_size), "effective_batch": optional(positive_int),
@@ -87,7 +97,9 @@ TRAIN_FIELDS: dict[str, Checker] = {
     "loraplus_ratio": optional(positive), "seed": integer(0, 2**63 - 1, "must be an integer >= 0"),
     "log_every": positive_int,
     "eval_every": optional(positive_int), "save_every": optional(positive_int), "keep_last": positive_int,
-    "fsdp": boolean}
+    "fsdp": boolean, "snr_gamma": optional(positive), "prediction_type": choice(PREDICTION_TYPES)}
+# read only with data.format: images (slimtune.diffusion.run); other configs may leave them out
+IMAGE_FIELDS = {"data": ("resolution", "channels"), "train": ("snr_gamma", "prediction_type")}
 
 
 def train_rules(t: Mapping[str, Any]) -> list[str]:
@@ -150,6 +162,8 @@ class DataSection:
     text_field: str = "text"
     label_field: str = "label"
     messages_field: str = "messages"
+    resolution: int = 64  # images: side in pixels (scaled, centre-cropped)
+    channels: int = 3  # images: 1 (grey) or 3 (RGB)
 
     def __post_init__(self) -> None:
         _settle(self, "data", DATA_FIELDS, data_rules)
@@ -161,11 +175,31 @@ def data_rules(d: Mapping[str, Any]) -> list[str]:
     if d.get("eval") is not None and d.get("eval_fraction", 0.0) > 0:
         issues.append(f"data.eval_fraction={d['eval_fraction']!r}: must be 0 when data.eval is set "
                       f"(the eval file is the held-out set)")
+    fmt = d.get("format")
+    if fmt == "images":
+        return issues + image_data_rules(d)
+    train = d.get("train")
+    if train is not None and data_path(train)[1] is not None:
+        issues.append(f"data.train={train!r}: {data_path(train)[1]} (or null), or a folder with data.format: images")
     for key in ("train", "eval"):
-        path, fmt = d.get(key), d.get("format")
+        path = d.get(key)
         if isinstance(path, str) and path.lower().endswith(".txt") and fmt not in (None, "text"):
             issues.append(f"data.{key}={path!r}: a .txt file holds raw text, so data.format must be text "
                           f"(got {fmt!r}); use .json, .jsonl, .csv or .parquet for {fmt}")
+    return issues
+
+
+def image_data_rules(d: Mapping[str, Any]) -> list[str]:
+    """data.format: images reads a folder of images with captions (slimtune.diffusion.images)."""
+    issues = []
+    if d.get("train") is None or data_path(d.get("train"))[1] is None:
+        issues.append(f"data.train={d.get('train')!r}: data.format: images reads a folder of images with "
+                      "captions (captions.jsonl or a .txt beside each image), not a data file")
+    for key in ("eval", "general"):
+        if d.get(key) is not None:
+            issues.append(f"data.{key}={d[key]!r}: not read with data.format: images; set it to null")
+    if d.get("eval_fraction", 0.0):
+        issues.append(f"data.eval_fraction={d['eval_fraction']!r}: not read with data.format: images; set it to 0")
     return issues
 
 
@@ -198,6 +232,8 @@ class TrainSection:
     save_every: int | None = None
     keep_last: int = 2
     fsdp: bool = False  # several processes: shard the frozen base over them (FSDP2); see train/distributed.py
+    snr_gamma: float | None = None  # images: Min-SNR loss weighting (5 in the paper); None = plain MSE
+    prediction_type: str = "epsilon"  # images: what the UNet predicts (epsilon | v_prediction)
 
     def __post_init__(self) -> None:
         _settle(self, "train", TRAIN_FIELDS, train_rules)
@@ -225,10 +261,31 @@ def cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any
     if train.get("fsdp") is True and method in ("freeze", "full"):
         issues.append(f"train.fsdp=True: shards the frozen base under an adapter; adapter.method={method!r} trains "
                       "base weights, which are kept whole on every rank; set train.fsdp: false")
+    issues += image_cross_rules(quantize, method, data, train)
     ratio = train.get("loraplus_ratio")
     if ratio is not None and method not in (None, "lora", "dora"):
         issues.append(f"train.loraplus_ratio={ratio!r}: LoRA+ needs adapter.method lora or dora "
                       f"(got {method!r}); remove it")
+    return issues
+
+
+def image_cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any],
+                      train: Mapping[str, Any]) -> list[str]:
+    """data.format: images trains a LoRA on a diffusers UNet, one process, written in diffusers' format."""
+    if data.get("format") != "images":
+        return [f"train.{k}={train[k]!r}: only read with data.format: images; remove it"
+                for k, default in (("snr_gamma", None), ("prediction_type", "epsilon"))
+                if k in train and train[k] != default]
+    issues = []
+    if method not in (None, "lora"):
+        issues.append(f"adapter.method={method!r}: data.format: images writes diffusers' LoRA file "
+                      "(pytorch_lora_weights.safetensors); use lora")
+    if quantize not in (None, "none"):
+        issues.append(f"quantize={quantize!r}: not supported with data.format: images; use none")
+    if train.get("batch_size") == AUTO:
+        issues.append("train.batch_size='auto': not supported with data.format: images; give a number")
+    if train.get("fsdp") is True:
+        issues.append("train.fsdp=True: not supported with data.format: images (one process); set false")
     return issues
 
 
@@ -345,8 +402,13 @@ def file_issues(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
         if not ok:
             issues.append(f"model.name={name!r}: must be the bundled {', '.join(BUNDLED_MODELS)}, a folder holding "
                           f"a Hugging Face config.json, or an existing .gguf file (relative to {os.getcwd()})")
-    for key in ("train", "eval", "general"):
+    images = data.get("format") == "images"
+    if images and data.get("train") is not None and not Path(data["train"]).expanduser().is_dir():
+        issues.append(f"data.train={data['train']!r}: no such folder (relative to {os.getcwd()})")
+    for key in ("eval", "general") if images else ("train", "eval", "general"):
         path = data.get(key)
+        if key == "train" and path is not None and data_path(path)[1] is not None:
+            continue  # not a data file name: data_rules named it already
         if path is not None and not Path(path).expanduser().is_file():
             issues.append(f"data.{key}={path!r}: no such file (relative to {os.getcwd()})")
     return issues

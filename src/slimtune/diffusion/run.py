@@ -75,8 +75,6 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
     unet, prompts = load_unet_folder(cfg.model.name, DTYPES[cfg.model.dtype])
     check_fits(unet, cfg)
     labels = prompts.ids(images.captions, f"data.train={cfg.data.train!r}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(cfg, run_dir / "config.yaml")
     log(f"data: {len(images.files)} images {cfg.data.resolution}x{cfg.data.resolution}, "
         f"{len(set(images.captions))} captions; UNet: {sum(p.numel() for p in unet.parameters()):,} parameters")
     scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS, prediction_type=cfg.train.prediction_type)
@@ -86,6 +84,8 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
         log(str(slimtune.inject(unet, cfg.adapter, ADAPTER)))
     except ValueError as e:  # a target that matches no module of the UNet
         raise RunError(f"adapter.target_modules={cfg.adapter.target_modules!r}: {e}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)  # every input checked: only now is anything written
+    save_run_config(cfg, run_dir / "config.yaml")
     if cfg.train.grad_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers' own: recompute each block's activations in backward
     total = total_steps(cfg, len(images.files))

@@ -216,3 +216,17 @@ def test_cli_bad_image_is_one_error_line(unet_dir, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "a.png: no caption" in errors[0], proc.stderr
+
+
+def test_the_shipped_config_trains_on_a_unet_folder(unet_dir, image_dir, tmp_path, monkeypatch):
+    """configs/train/diffusion.yaml as shipped (its model and images are the digits recipe's): on the tiny UNet."""
+    from slimtune.train.config import load_run_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunConfigError, match="model.name='runs/digits/base': data.format: images needs a diffusers"):
+        load_run_config(ROOT / "configs" / "train" / "diffusion.yaml", check_files=True)
+    cfg = load_run_config(ROOT / "configs" / "train" / "diffusion.yaml",
+                          [f"model.name={unet_dir}", f"data.train={image_dir}", "data.channels=3",
+                           "train.max_steps=2", "train.batch_size=2", "output_dir=out"], check_files=True)
+    result = train(cfg, log=lambda s: None)
+    assert result.steps == 2 and (tmp_path / "out" / "adapter" / "pytorch_lora_weights.safetensors").is_file()

@@ -399,7 +399,10 @@ def file_issues(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
     if name not in BUNDLED_MODELS:
         p = Path(name).expanduser()
         ok = p.is_file() if name.lower().endswith(".gguf") else (p / "config.json").is_file()
-        if not ok:
+        if not ok and data.get("format") == "images":
+            issues.append(f"model.name={name!r}: data.format: images needs a diffusers UNet folder (config.json, "
+                          f"safetensors weights, prompts.safetensors) (relative to {os.getcwd()})")
+        elif not ok:
             issues.append(f"model.name={name!r}: must be the bundled {', '.join(BUNDLED_MODELS)}, a folder holding "
                           f"a Hugging Face config.json, or an existing .gguf file (relative to {os.getcwd()})")
     images = data.get("format") == "images"
@@ -505,7 +508,10 @@ def describe(cfg: RunConfig) -> str:
     length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.max_steps} steps"
     batch = (f"batch_size auto x grad_accum auto, within {t.memory or 'the free memory'}" if t.batch_size == AUTO
              else f"batch_size {t.batch_size} x grad_accum {t.grad_accum}")
+    shape = (f"{d.resolution}x{d.resolution}, {d.channels} channel{'s' if d.channels > 1 else ''}"
+             + (f", Min-SNR gamma {t.snr_gamma:g}" if t.snr_gamma is not None else "")
+             if d.format == "images" else f"max_length {d.max_length}, {'packed' if d.packing else 'padded'}")
     return (f"Fine-tunes {base} with {describe_adapter(cfg.adapter)}. Data: {data}, {d.format} format, "
-            f"max_length {d.max_length}, {'packed' if d.packing else 'padded'}. Runs {length} of effective batch "
+            f"{shape}. Runs {length} of effective batch "
             f"{cfg.effective_batch} ({batch}); lr {t.lr:g} "
             f"{t.scheduler}, {t.optimizer}, {t.precision}, seed {t.seed}. Writes {cfg.output_dir}.")

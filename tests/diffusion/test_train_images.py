@@ -230,3 +230,15 @@ def test_the_shipped_config_trains_on_a_unet_folder(unet_dir, image_dir, tmp_pat
                            "train.max_steps=2", "train.batch_size=2", "output_dir=out"], check_files=True)
     result = train(cfg, log=lambda s: None)
     assert result.steps == 2 and (tmp_path / "out" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_grad_checkpointing_trains_the_same_adapter(unet_dir, image_dir, tmp_path):
+    """train.grad_checkpointing switches on diffusers' own recomputation: same gradients, so the same adapter."""
+    files = []
+    for flag in (False, True):
+        d = run_dict(unet_dir, image_dir, tmp_path / str(flag), max_steps=3, save_every=None, eval_every=None,
+                     grad_checkpointing=flag)
+        result = train(run_config_from_dict(d), log=lambda s: None)
+        files.append(load_file(str(result.adapter_dir / "pytorch_lora_weights.safetensors")))
+    for k in files[0]:
+        torch.testing.assert_close(files[1][k], files[0][k], atol=1e-5, rtol=1e-4)

@@ -24,7 +24,8 @@ from slimtune.train.run import RunError, train
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["red square", "blue ring"]
 UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
 
 
@@ -118,8 +119,9 @@ def test_resume_from_a_checkpoint_gives_the_same_adapter_and_metrics(unet_dir, i
     for k in whole:
         assert torch.equal(resumed[k], whole[k]), k
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("elapsed_s", "tokens_per_s")} for m in ms]  # noqa: E731
-    assert strip(again[:-1]) == strip(metrics[:-1])
+    timing = ("elapsed_s", "tokens_per_s")
+    assert [{k: v for k, v in m.items() if k not in timing} for m in again[:-1]] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in metrics[:-1]]
 
 
 @pytest.mark.parametrize("data, train_, quantize, method, issue", [

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from slimtune.config import BottleneckConfig, FullConfig, LoraConfig
-from slimtune.train.config import (IMAGE_FIELDS, DataSection, ModelSection, RunConfig, RunConfigError, TrainSection,
+from slimtune.train.config import (DataSection, ModelSection, RunConfig, RunConfigError, TrainSection,
                                    default_config_path, describe, load_run_config, run_config_from_dict,
                                    run_config_to_dict, save_run_config)
+from slimtune.train.image_rules import IMAGE_FIELDS
 from slimtune.train.overrides import apply_overrides, parse_override
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -167,6 +167,7 @@ def write_grid(images: Tensor, path: Path) -> None:
 
     from slimtune.files.write import atomic_write
 
-    fig = grid_figure(images, max(1, -(-images.shape[0] // 8)), "samples after training (fixed seeds, training captions)")
+    rows = max(1, -(-images.shape[0] // 8))
+    fig = grid_figure(images, rows, "samples after training (fixed seeds, training captions)")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

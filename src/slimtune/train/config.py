@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from slimtune.config import CONFIG_TYPES, ConfigError, LoraConfig, MethodConfig, config_method
-from slimtune.train.checks import (FORMATS, Checker, adapter_fields, boolean, check_adapter, check_fields, choice,
-                                   data_path, default_adapter, fraction, integer, non_negative, optional, positive,
-                                   positive_int, text, unknown_key_issue, warmup, yaml_problem)
+from slimtune.train.checks import (AUTO, FORMATS, Checker, adapter_fields, boolean, check_adapter, check_fields,
+                                   choice, data_path, default_adapter, fraction, integer, non_negative, optional,
+                                   positive, positive_int, text, unknown_key_issue, warmup, yaml_problem)
+from slimtune.train.image_rules import PREDICTION_TYPES, channels_check, image_cross_rules, image_data_rules
 
 BUNDLED_MODELS = ("smollm2-135m",)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,7 +38,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "offload")
 DEFAULT_MAX_STEPS = 100  # when neither train.max_steps nor train.epochs is given
 DEFAULT_EFFECTIVE_BATCH = 8  # train.batch_size: auto without train.effective_batch
-AUTO = "auto"  # train.batch_size: auto (slimtune.train.fit picks the micro-batch)
 SECTIONS = ("model", "quantize", "adapter", "data", "train", "output_dir")
 QUANTIZABLE_METHODS = ("lora", "dora", "bottleneck", "prompt")  # freeze/full train the base, which nf4 freezes
 
@@ -73,15 +73,6 @@ def memory_size(value: Any) -> tuple[Any, str | None]:
     return (value, None) if ok else (value, f"must be a size such as 8GB or 8GiB, or a card ({', '.join(GPUS)})")
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a diffusion UNet predicts (the noise, or v)
-
-
-def channels_check(value: Any) -> tuple[Any, str | None]:
-    """Image channels: 1 (grey) or 3 (RGB)."""
-    ok = value in (1, 3) and isinstance(value, int) and not isinstance(value, bool)
-    return (value, None) if ok else (value, "must be 1 (grey) or 3 (RGB)")
-
-
 MODEL_FIELDS: dict[str, Checker] = {"name": text, "dtype": choice(DTYPES)}
 DATA_FIELDS: dict[str, Checker] = {
     "train": optional(text), "eval": optional(data_path), "eval_fraction": fraction,
@@ -98,8 +89,6 @@ TRAIN_FIELDS: dict[str, Checker] = {
     "log_every": positive_int,
     "eval_every": optional(positive_int), "save_every": optional(positive_int), "keep_last": positive_int,
     "fsdp": boolean, "snr_gamma": optional(positive), "prediction_type": choice(PREDICTION_TYPES)}
-# read only with data.format: images (slimtune.diffusion.run); other configs may leave them out
-IMAGE_FIELDS = {"data": ("resolution", "channels"), "train": ("snr_gamma", "prediction_type")}
 
 
 def train_rules(t: Mapping[str, Any]) -> list[str]:
@@ -189,20 +178,6 @@ def data_rules(d: Mapping[str, Any]) -> list[str]:
     return issues
 
 
-def image_data_rules(d: Mapping[str, Any]) -> list[str]:
-    """data.format: images reads a folder of images with captions (slimtune.diffusion.images)."""
-    issues = []
-    if d.get("train") is None or data_path(d.get("train"))[1] is None:
-        issues.append(f"data.train={d.get('train')!r}: data.format: images reads a folder of images with "
-                      "captions (captions.jsonl or a .txt beside each image), not a data file")
-    for key in ("eval", "general"):
-        if d.get(key) is not None:
-            issues.append(f"data.{key}={d[key]!r}: not read with data.format: images; set it to null")
-    if d.get("eval_fraction", 0.0):
-        issues.append(f"data.eval_fraction={d['eval_fraction']!r}: not read with data.format: images; set it to 0")
-    return issues
-
-
 @dataclass(frozen=True)
 class TrainSection:
     """The optimisation: steps, batch, learning-rate schedule, precision, optimizer, logging and checkpoints.
@@ -266,26 +241,6 @@ def cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any
     if ratio is not None and method not in (None, "lora", "dora"):
         issues.append(f"train.loraplus_ratio={ratio!r}: LoRA+ needs adapter.method lora or dora "
                       f"(got {method!r}); remove it")
-    return issues
-
-
-def image_cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any],
-                      train: Mapping[str, Any]) -> list[str]:
-    """data.format: images trains a LoRA on a diffusers UNet, one process, written in diffusers' format."""
-    if data.get("format") != "images":
-        return [f"train.{k}={train[k]!r}: only read with data.format: images; remove it"
-                for k, default in (("snr_gamma", None), ("prediction_type", "epsilon"))
-                if k in train and train[k] != default]
-    issues = []
-    if method not in (None, "lora"):
-        issues.append(f"adapter.method={method!r}: data.format: images writes diffusers' LoRA file "
-                      "(pytorch_lora_weights.safetensors); use lora")
-    if quantize not in (None, "none"):
-        issues.append(f"quantize={quantize!r}: not supported with data.format: images; use none")
-    if train.get("batch_size") == AUTO:
-        issues.append("train.batch_size='auto': not supported with data.format: images; give a number")
-    if train.get("fsdp") is True:
-        issues.append("train.fsdp=True: not supported with data.format: images (one process); set false")
     return issues
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,6 @@ def test_resume_from_a_checkpoint_gives_the_same_adapter_and_metrics(unet_dir, i
     out = tmp_path / "out"
     whole = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    import shutil
-
     shutil.rmtree(out / "checkpoints" / "step-6")  # as if killed after step 3's checkpoint
     shutil.rmtree(out / "adapter")
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics[:-1]))
@@ -177,8 +176,6 @@ def test_run_errors_are_named_and_write_nothing(unet_dir, image_dir, tmp_path):
 
 
 def test_unet_folder_problems_are_named(unet_dir, tmp_path):
-    import shutil
-
     with pytest.raises(ModelLoadError, match="no readable config.json"):
         load_unet_folder(tmp_path)
     (tmp_path / "lm").mkdir()

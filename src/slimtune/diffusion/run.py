@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 import slimtune
 from slimtune.diffusion.images import ImageDataError, ImageSet, load_images
-from slimtune.diffusion.memorisation import memorisation
+from slimtune.diffusion.memorisation import COPYING, memorisation
 from slimtune.diffusion.objective import noise_prediction_loss
 from slimtune.diffusion.sampling import grid_figure, sample
-from slimtune.diffusion.unet_folder import PromptTable, load_unet_folder
+from slimtune.diffusion.unet_folder import load_unet_folder
 from slimtune.train.config import RunConfig, save_run_config
 from slimtune.train.distributed import World
 from slimtune.train.loop import LoopConfig, train_loop
@@ -79,7 +79,7 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
         f"{len(set(images.captions))} captions; UNet: {sum(p.numel() for p in unet.parameters()):,} parameters")
     scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS, prediction_type=cfg.train.prediction_type)
     model = NoisePrediction(unet, scheduler, prompts.table.to(DTYPES[cfg.model.dtype]), cfg.train.snr_gamma)
-    before = scores(model, images, labels, prompts)
+    before = scores(model, images, labels)
     try:
         log(str(slimtune.inject(unet, cfg.adapter, ADAPTER)))
     except ValueError as e:  # a target that matches no module of the UNet
@@ -88,28 +88,35 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
     save_run_config(cfg, run_dir / "config.yaml")
     if cfg.train.grad_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers' own: recompute each block's activations in backward
-    total = total_steps(cfg, len(images.files))
-    optimizer = make_optimizer(model, cfg)
-    lr_schedule = make_scheduler(optimizer, total, cfg.train.warmup_steps(total), cfg.train.scheduler)
-    sampler = EpochSampler(len(images.files), cfg.train.batch_size, cfg.train.seed)
-    start = resume_from(run_dir, model, optimizer, lr_schedule, sampler, log) if resume else 0
-    t = cfg.train
-    loop_cfg = LoopConfig(max_steps=total, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
-                          precision=t.precision, log_every=t.log_every, eval_every=t.eval_every,
-                          save_every=t.save_every, keep_last=t.keep_last)
-    batch = lambda idx: {"pixel_values": images.images[idx].to(DTYPES[cfg.model.dtype]),  # noqa: E731
-                         "labels": labels[idx]}
-    evaluate = lambda: {"noise_loss": fixed_noise_loss(model, images.images, labels)}  # noqa: E731
-    train_loop(model, optimizer, lr_schedule, sampler, batch, loop_cfg, run_dir, ADAPTER, start_step=start,
-               evaluate=evaluate, echo=log)
-    after = scores(model, images, labels, prompts, run_dir / "samples.png")
-    if after.get("copy_fraction", 0.0) >= 0.5:
+    total = fit(model, images.images.to(DTYPES[cfg.model.dtype]), labels, cfg, run_dir, resume, log)
+    after = scores(model, images, labels, run_dir / "samples.png")
+    if after.get("copy_fraction", 0.0) >= COPYING:
         log(f"warning: {after['copy_fraction']:.0%} of the samples copy a training image (nearer to one than "
             "half the training images' own spacing): the LoRA memorises; train fewer steps or on more images")
     adapter_dir = slimtune.save_adapter(unet, run_dir / "adapter", ADAPTER, format="diffusers")
     result = RunResult(run_dir, adapter_dir, total, before, after)
     write_summary(run_dir, result)
     return result
+
+
+def fit(model: NoisePrediction, images: Tensor, labels: Tensor, cfg: RunConfig, run_dir: Path, resume: bool,
+        log: Callable[[str], None]) -> int:
+    """Optimizer, schedule, sampler, resume, and the LM run's loop over ``images`` (n, c, h, w) with their
+    prompt rows ``labels`` (n,); returns the run's total steps."""
+    total = total_steps(cfg, images.shape[0])
+    optimizer = make_optimizer(model, cfg)
+    lr_schedule = make_scheduler(optimizer, total, cfg.train.warmup_steps(total), cfg.train.scheduler)
+    sampler = EpochSampler(images.shape[0], cfg.train.batch_size, cfg.train.seed)
+    start = resume_from(run_dir, model, optimizer, lr_schedule, sampler, log) if resume else 0
+    t = cfg.train
+    loop_cfg = LoopConfig(max_steps=total, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+                          precision=t.precision, log_every=t.log_every, eval_every=t.eval_every,
+                          save_every=t.save_every, keep_last=t.keep_last)
+    batch = lambda idx: {"pixel_values": images[idx], "labels": labels[idx]}  # noqa: E731
+    evaluate = lambda: {"noise_loss": fixed_noise_loss(model, images, labels)}  # noqa: E731
+    train_loop(model, optimizer, lr_schedule, sampler, batch, loop_cfg, run_dir, ADAPTER, start_step=start,
+               evaluate=evaluate, echo=log)
+    return total
 
 
 def check_fits(unet: nn.Module, cfg: RunConfig) -> None:
@@ -138,8 +145,7 @@ def fixed_noise_loss(model: NoisePrediction, images: Tensor, labels: Tensor, bat
 
 
 @torch.no_grad()
-def scores(model: NoisePrediction, data: ImageSet, labels: Tensor, prompts: PromptTable,
-           figure: Path | None = None) -> dict[str, float]:
+def scores(model: NoisePrediction, data: ImageSet, labels: Tensor, figure: Path | None = None) -> dict[str, float]:
     """noise_loss, and (with 2+ images) the memorisation of samples drawn for the first MAX_SAMPLES
     training captions from fixed seeds; ``figure``: those samples as a PNG grid."""
     from diffusers import DDIMScheduler

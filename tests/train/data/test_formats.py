@@ -129,5 +129,5 @@ def test_chat_template_that_is_not_prefix_stable_is_refused(smol_tok):
 
 
 def test_unknown_format_is_refused(smol_tok):
-    with pytest.raises(ValueError, match="format='xml': must be one of alpaca, chat, text, classification, images"):
+    with pytest.raises(ValueError, match="format='xml': must be one of alpaca, chat, text, classification"):
         encode({"text": "x"}, "xml", smol_tok, 512)

@@ -53,7 +53,7 @@ def test_four_errors_are_four_lines_each_naming_the_file(tmp_path):
     path = write(tmp_path, "trian: {}\ntrain: {lr: -1, batch_size: 0}\ndata: {format: xml}\n")
     lines = refused([path])
     assert lines == [f"error: {path}: trian: unknown section; did you mean train?",
-                     f"error: {path}: data.format='xml': must be one of alpaca, chat, text, classification",
+                     f"error: {path}: data.format='xml': must be one of alpaca, chat, text, classification, images",
                      f"error: {path}: train.lr=-1: must be a positive number",
                      f"error: {path}: train.batch_size=0: must be a positive integer or auto"]
 

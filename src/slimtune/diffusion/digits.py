@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import slimtune
+from slimtune.diffusion.images import save_image_folder
 from slimtune.diffusion.memorisation import memorisation
 from slimtune.diffusion.parts import UNET_ATTENTION
 from slimtune.diffusion.sampling import grid_figure, sample
 from slimtune.diffusion.train import DiffusionTraining, train_unet
+from slimtune.diffusion.unet_folder import PROMPTS_FILE, load_unet_folder, save_prompts
 
 SIZE = 16
 DIGITS_CSV = "datasets/data/digits.csv.gz"
@@ -110,30 +112,29 @@ class DigitsResult:
     files: list[str] = field(default_factory=list)
 
 
-def save_base(unet: nn.Module, prompt: LabelPrompt, out: Path) -> None:
-    """The trained base, so LoRA runs can start from it: ``out/base/`` (diffusers' folder, safetensors) and
-    ``out/base_prompt.safetensors``, each written to a temporary name first."""
-    from safetensors.torch import save_file
+CAPTIONS = [str(c) for c in range(10)]  # the class of each prompt row: the captions `slimtune train` reads
 
-    from slimtune.files.write import atomic_write
+
+def save_base(unet: nn.Module, prompt: LabelPrompt, out: Path) -> None:
+    """The trained base, so LoRA runs (``run_digits(base_from=)``, or ``slimtune train`` with ``model.name:
+    out/base``) start from it: ``out/base/``, diffusers' UNet folder (safetensors) with the prompt table as
+    ``prompts.safetensors`` (captions "0".."9"); every file written to a temporary name first."""
     from slimtune.quant.export import save_pretrained_atomic
 
     save_pretrained_atomic(unet, out / "base")
-    atomic_write(out / "base_prompt.safetensors", lambda tmp: save_file({"table": prompt.table.detach()}, tmp))
+    save_prompts(out / "base", prompt.table, CAPTIONS)
 
 
 def load_base(folder: str | Path) -> tuple[nn.Module, LabelPrompt]:
     """The base ``save_base`` wrote into ``folder``. Raises FileNotFoundError naming what is missing."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    root = Path(folder)
-    for need in (root / "base" / "config.json", root / "base_prompt.safetensors"):
+    base = Path(folder) / "base"
+    for need in (base / "config.json", base / PROMPTS_FILE):
         if not need.is_file():
-            raise FileNotFoundError(f"base_from={str(root)!r}: no {need.relative_to(root)} (written by a full run)")
-    prompt = LabelPrompt()
-    prompt.table.data = load_file(str(root / "base_prompt.safetensors"))["table"]
-    return UNet2DConditionModel.from_pretrained(root / "base").eval(), prompt
+            raise FileNotFoundError(f"base_from={str(folder)!r}: no {need.relative_to(folder)} (written by a full run)")
+    unet, prompts = load_unet_folder(base)
+    prompt = LabelPrompt(len(prompts.captions), prompts.table.shape[2], prompts.table.shape[1])
+    prompt.table.data = prompts.table.clone()
+    return unet, prompt
 
 
 def run_digits(out_dir: str | Path, recipe: DigitsRecipe = DigitsRecipe(), digits_path: str | Path | None = None,
@@ -163,6 +164,7 @@ def run_digits(out_dir: str | Path, recipe: DigitsRecipe = DigitsRecipe(), digit
     before = draw()
     pick = torch.cat([torch.nonzero(labels == c)[: recipe.per_class, 0] for c in range(10)])
     style, style_labels = bold(images[pick]), labels[pick]
+    save_image_folder(out / "lora_data", style, [CAPTIONS[int(c)] for c in style_labels])  # for `slimtune train`
     slimtune.inject(unet, slimtune.LoraConfig(r=recipe.lora_rank, alpha=recipe.lora_rank,
                                               target_modules=UNET_ATTENTION + ("conv1", "conv2")))
     result = DigitsResult(base_losses, [])

@@ -91,3 +91,34 @@ def _read(path: Path, size: int, mode: str) -> Tensor:
         raise ImageDataError(f"{path}: not a readable image: {e}") from None
     x = torch.frombuffer(bytearray(fitted.tobytes()), dtype=torch.uint8).view(size, size, len(mode))
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def save_image_folder(folder: str | Path, images: Tensor, captions: list[str]) -> Path:
+    """Write ``images`` (n, c, h, w) in [-1, 1] as ``folder/00000.png``... with ``captions.jsonl``, the layout
+    ``load_images`` reads: into a temporary folder beside it, renamed at the end (an existing folder is
+    replaced only then). Raises ValueError when captions and images differ in number."""
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    if images.shape[0] != len(captions):
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        rows = []
+        for i, (x, text) in enumerate(zip(pixels, captions)):
+            name = f"{i:05d}.png"
+            Image.fromarray(x[..., 0].numpy() if x.shape[-1] == 1 else x.numpy()).save(tmp / name)
+            rows.append(json.dumps({"file": name, "text": text}))
+        (tmp / CAPTIONS_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

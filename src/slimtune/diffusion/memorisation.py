@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+COPYING = 0.5  # the share of samples that are copies from which a model is said to copy its training images
+
 
 def nearest_distances(samples: Tensor, train: Tensor) -> Tensor:
     """Distance from each sample to its nearest training image: samples (n, ...), train (m, ...) -> (n,)."""
@@ -42,7 +44,7 @@ class Memorisation:
     @property
     def copying(self) -> bool:
         """True once at least half the samples are copies."""
-        return self.copy_fraction >= 0.5
+        return self.copy_fraction >= COPYING
 
 
 def memorisation(samples: Tensor, train: Tensor, ratio: float = 0.5) -> Memorisation:

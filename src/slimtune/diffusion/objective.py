@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from slimtune.train.image_rules import PREDICTION_TYPES  # one list for the run config and the maths
 
 
 def snr(alphas_cumprod: Tensor, t: Tensor) -> Tensor:

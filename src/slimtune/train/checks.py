@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 from slimtune.config import CONFIG_TYPES, ConfigError, LoraConfig, MethodConfig, config_from_dict, config_method
 
 Checker = Callable[[Any], tuple[Any, Any]]  # value -> (normalised value, None) or (value, what is allowed)
-FORMATS = ("alpaca", "chat", "text", "classification")
+AUTO = "auto"  # train.batch_size: auto (slimtune.train.fit picks the micro-batch)
+FORMATS = ("alpaca", "chat", "text", "classification", "images")  # images: slimtune.diffusion
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 # YAML 1.1 (PyYAML) reads 1e-4 as a string (it wants 1.0e-4); numeric fields accept such strings.
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

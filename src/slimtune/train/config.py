@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from slimtune.config import CONFIG_TYPES, ConfigError, LoraConfig, MethodConfig, config_method
-from slimtune.train.checks import (FORMATS, Checker, adapter_fields, boolean, check_adapter, check_fields, choice,
-                                   data_path, default_adapter, fraction, integer, non_negative, optional, positive,
-                                   positive_int, text, unknown_key_issue, warmup, yaml_problem)
+from slimtune.train.checks import (AUTO, FORMATS, Checker, adapter_fields, boolean, check_adapter, check_fields,
+                                   choice, data_path, default_adapter, fraction, integer, non_negative, optional,
+                                   positive, positive_int, text, unknown_key_issue, warmup, yaml_problem)
+from slimtune.train.image_rules import PREDICTION_TYPES, channels_check, image_cross_rules, image_data_rules
 
 BUNDLED_MODELS = ("smollm2-135m",)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,7 +38,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "offload")
 DEFAULT_MAX_STEPS = 100  # when neither train.max_steps nor train.epochs is given
 DEFAULT_EFFECTIVE_BATCH = 8  # train.batch_size: auto without train.effective_batch
-AUTO = "auto"  # train.batch_size: auto (slimtune.train.fit picks the micro-batch)
 SECTIONS = ("model", "quantize", "adapter", "data", "train", "output_dir")
 QUANTIZABLE_METHODS = ("lora", "dora", "bottleneck", "prompt")  # freeze/full train the base, which nf4 freezes
 
@@ -75,9 +75,10 @@ def memory_size(value: Any) -> tuple[Any, str | None]:
 
 MODEL_FIELDS: dict[str, Checker] = {"name": text, "dtype": choice(DTYPES)}
 DATA_FIELDS: dict[str, Checker] = {
-    "train": optional(data_path), "eval": optional(data_path), "eval_fraction": fraction,
+    "train": optional(text), "eval": optional(data_path), "eval_fraction": fraction,
     "general": optional(text), "format": choice(FORMATS), "max_length": positive_int, "packing": boolean,
-    "skip_bad_rows": boolean, "text_field": text, "label_field": text, "messages_field": text}
+    "skip_bad_rows": boolean, "text_field": text, "label_field": text, "messages_field": text,
+    "resolution": positive_int, "channels": channels_check}
 TRAIN_FIELDS: dict[str, Checker] = {
     "max_steps": optional(positive_int), "epochs": optional(positive), "batch_size": batch_size_check,
     "memory": optional(memory_size), "effective_batch": optional(positive_int),
@@ -87,7 +88,7 @@ TRAIN_FIELDS: dict[str, Checker] = {
     "loraplus_ratio": optional(positive), "seed": integer(0, 2**63 - 1, "must be an integer >= 0"),
     "log_every": positive_int,
     "eval_every": optional(positive_int), "save_every": optional(positive_int), "keep_last": positive_int,
-    "fsdp": boolean}
+    "fsdp": boolean, "snr_gamma": optional(positive), "prediction_type": choice(PREDICTION_TYPES)}
 
 
 def train_rules(t: Mapping[str, Any]) -> list[str]:
@@ -150,6 +151,8 @@ class DataSection:
     text_field: str = "text"
     label_field: str = "label"
     messages_field: str = "messages"
+    resolution: int = 64  # images: side in pixels (scaled, centre-cropped)
+    channels: int = 3  # images: 1 (grey) or 3 (RGB)
 
     def __post_init__(self) -> None:
         _settle(self, "data", DATA_FIELDS, data_rules)
@@ -161,8 +164,14 @@ def data_rules(d: Mapping[str, Any]) -> list[str]:
     if d.get("eval") is not None and d.get("eval_fraction", 0.0) > 0:
         issues.append(f"data.eval_fraction={d['eval_fraction']!r}: must be 0 when data.eval is set "
                       f"(the eval file is the held-out set)")
+    fmt = d.get("format")
+    if fmt == "images":
+        return issues + image_data_rules(d)
+    train = d.get("train")
+    if train is not None and data_path(train)[1] is not None:
+        issues.append(f"data.train={train!r}: {data_path(train)[1]} (or null), or a folder with data.format: images")
     for key in ("train", "eval"):
-        path, fmt = d.get(key), d.get("format")
+        path = d.get(key)
         if isinstance(path, str) and path.lower().endswith(".txt") and fmt not in (None, "text"):
             issues.append(f"data.{key}={path!r}: a .txt file holds raw text, so data.format must be text "
                           f"(got {fmt!r}); use .json, .jsonl, .csv or .parquet for {fmt}")
@@ -198,6 +207,8 @@ class TrainSection:
     save_every: int | None = None
     keep_last: int = 2
     fsdp: bool = False  # several processes: shard the frozen base over them (FSDP2); see train/distributed.py
+    snr_gamma: float | None = None  # images: Min-SNR loss weighting (5 in the paper); None = plain MSE
+    prediction_type: str = "epsilon"  # images: what the UNet predicts (epsilon | v_prediction)
 
     def __post_init__(self) -> None:
         _settle(self, "train", TRAIN_FIELDS, train_rules)
@@ -225,6 +236,7 @@ def cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any
     if train.get("fsdp") is True and method in ("freeze", "full"):
         issues.append(f"train.fsdp=True: shards the frozen base under an adapter; adapter.method={method!r} trains "
                       "base weights, which are kept whole on every rank; set train.fsdp: false")
+    issues += image_cross_rules(quantize, method, data, train)
     ratio = train.get("loraplus_ratio")
     if ratio is not None and method not in (None, "lora", "dora"):
         issues.append(f"train.loraplus_ratio={ratio!r}: LoRA+ needs adapter.method lora or dora "
@@ -342,11 +354,19 @@ def file_issues(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
     if name not in BUNDLED_MODELS:
         p = Path(name).expanduser()
         ok = p.is_file() if name.lower().endswith(".gguf") else (p / "config.json").is_file()
-        if not ok:
+        if not ok and data.get("format") == "images":
+            issues.append(f"model.name={name!r}: data.format: images needs a diffusers UNet folder (config.json, "
+                          f"safetensors weights, prompts.safetensors) (relative to {os.getcwd()})")
+        elif not ok:
             issues.append(f"model.name={name!r}: must be the bundled {', '.join(BUNDLED_MODELS)}, a folder holding "
                           f"a Hugging Face config.json, or an existing .gguf file (relative to {os.getcwd()})")
-    for key in ("train", "eval", "general"):
+    images = data.get("format") == "images"
+    if images and data.get("train") is not None and not Path(data["train"]).expanduser().is_dir():
+        issues.append(f"data.train={data['train']!r}: no such folder (relative to {os.getcwd()})")
+    for key in ("eval", "general") if images else ("train", "eval", "general"):
         path = data.get(key)
+        if key == "train" and path is not None and data_path(path)[1] is not None:
+            continue  # not a data file name: data_rules named it already
         if path is not None and not Path(path).expanduser().is_file():
             issues.append(f"data.{key}={path!r}: no such file (relative to {os.getcwd()})")
     return issues
@@ -443,7 +463,10 @@ def describe(cfg: RunConfig) -> str:
     length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.max_steps} steps"
     batch = (f"batch_size auto x grad_accum auto, within {t.memory or 'the free memory'}" if t.batch_size == AUTO
              else f"batch_size {t.batch_size} x grad_accum {t.grad_accum}")
+    shape = (f"{d.resolution}x{d.resolution}, {d.channels} channel{'s' if d.channels > 1 else ''}"
+             + (f", Min-SNR gamma {t.snr_gamma:g}" if t.snr_gamma is not None else "")
+             if d.format == "images" else f"max_length {d.max_length}, {'packed' if d.packing else 'padded'}")
     return (f"Fine-tunes {base} with {describe_adapter(cfg.adapter)}. Data: {data}, {d.format} format, "
-            f"max_length {d.max_length}, {'packed' if d.packing else 'padded'}. Runs {length} of effective batch "
+            f"{shape}. Runs {length} of effective batch "
             f"{cfg.effective_batch} ({batch}); lr {t.lr:g} "
             f"{t.scheduler}, {t.optimizer}, {t.precision}, seed {t.seed}. Writes {cfg.output_dir}.")

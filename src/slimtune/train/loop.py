@@ -250,9 +250,12 @@ def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def count_tokens(batch: dict[str, Tensor]) -> int:
-    """Tokens in a batch: attention_mask's ones when there is one (padded rows), else every input id."""
+    """Tokens in a batch: attention_mask's ones when there is one (padded rows), else every input id; a batch
+    without tokens (images) counts its rows."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    if mask is not None:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else int(batch["labels"].shape[0])
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[Tensor],

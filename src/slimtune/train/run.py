@@ -62,7 +62,10 @@ class RunResult:
             lines.append(f"  {s['prompt'][-70:]!r}\n    expected {s['expected']!r}; before {s['before']!r}; "
                          f"after {s['after']!r}")
         where = str(self.adapter_dir)
-        if self.adapter_dir.name == "model":
+        if (self.adapter_dir / "pytorch_lora_weights.safetensors").is_file():  # data.format: images
+            lines.append(f"use it: pipe.load_lora_weights({where!r}) (diffusers) or "
+                         f"slimtune.diffusion.load_lora_weights(pipe, {where!r})")
+        elif self.adapter_dir.name == "model":
             lines.append(f"use it: AutoModelForCausalLM.from_pretrained({where!r}) (a plain Hugging Face folder)")
         else:
             lines.append(f"use it: slimtune.load_adapter(model, {where!r}) or "
@@ -86,8 +89,13 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     log = log if world.is_main else (lambda line: None)
     run_dir = Path(cfg.output_dir)
     _check_start(cfg, run_dir, resume, world)
-    cfg = _auto_fit(cfg, run_dir, resume, log, world)  # train.batch_size: auto -> numbers, before anything heavy loads
-    _seed_everything(cfg.train.seed)
+    if cfg.data.format != "images":  # batch_size auto estimates language models (refused for images by the config)
+        cfg = _auto_fit(cfg, run_dir, resume, log, world)  # auto -> numbers, before anything heavy loads
+    seed_everything(cfg.train.seed)
+    if cfg.data.format == "images":  # a diffusers UNet on an image folder: the diffusion capability's run
+        from slimtune.diffusion.run import train_images
+
+        return train_images(cfg, run_dir, resume, log, world)
     task = "classification" if cfg.data.format == "classification" else "causal"
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_run_data(cfg.data, tokenizer, cfg.train.seed)  # every bad row is found before the model loads
@@ -118,11 +126,11 @@ def _fit(cfg: RunConfig, world: World, tokenizer: Any, data: RunData, general: t
         enable_checkpointing(model)
     model.train()
     net = _distribute(model, cfg, world, log)
-    total = _total_steps(cfg, len(data.train_rows), world.world_size)
-    optimizer = _optimizer(model, cfg)
+    total = total_steps(cfg, len(data.train_rows), world.world_size)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, total, cfg.train.warmup_steps(total), cfg.train.scheduler)
     sampler = EpochSampler(len(data.train_rows), cfg.train.batch_size, cfg.train.seed)
-    start = _resume(run_dir, model, optimizer, scheduler, sampler, log, world) if resume else 0
+    start = resume_from(run_dir, model, optimizer, scheduler, sampler, log, world) if resume else 0
     loop_cfg = LoopConfig(max_steps=total, grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                           precision=cfg.train.precision, log_every=cfg.train.log_every,
                           eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
@@ -138,7 +146,7 @@ def _fit(cfg: RunConfig, world: World, tokenizer: Any, data: RunData, general: t
                for c, t, b, a in zip(data.conversations, data.answers, answers_before, answers_after)][:SAMPLES]
     result = RunResult(run_dir, adapter_dir, total, before, after, samples)
     if world.is_main:
-        _write_summary(run_dir, result)
+        write_summary(run_dir, result)
     world.barrier()  # the others return once rank 0 has written the result
     return result
 
@@ -202,20 +210,20 @@ def _check_start(cfg: RunConfig, run_dir: Path, resume: bool, world: World = Wor
                        "it, or choose another output_dir")
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _total_steps(cfg: RunConfig, n_rows: int, processes: int = 1) -> int:
+def total_steps(cfg: RunConfig, n_rows: int, processes: int = 1) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum * processes  # the effective batch
     return max(1, math.ceil(cfg.train.epochs * n_rows / per_step))
 
 
-def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.train
     if t.loraplus_ratio is not None:
         return slimtune.create_loraplus_optimizer(model, lr=t.lr, ratio=t.loraplus_ratio, weight_decay=t.weight_decay)
@@ -227,7 +235,7 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, sampler, log, world: World = World()) -> int:
+def resume_from(run_dir: Path, model, optimizer, scheduler, sampler, log, world: World = World()) -> int:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         log(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
@@ -275,7 +283,7 @@ def _general_blocks(tokenizer: Any, cfg: RunConfig) -> torch.Tensor:
                        f"{GENERAL_LEN} tokens of text)") from None
 
 
-def _write_summary(run_dir: Path, result: RunResult) -> None:
+def write_summary(run_dir: Path, result: RunResult) -> None:
     """One last line in metrics.jsonl: the scores before and after."""
     record = {"event": "summary", "steps": result.steps, "before": result.before, "after": result.after,
               "adapter": str(result.adapter_dir)}

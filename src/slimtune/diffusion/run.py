@@ -1,0 +1,179 @@
+"""``slimtune train`` with ``data.format: images``: a LoRA on a diffusers UNet, trained by noise prediction.
+
+``slimtune.train.run.train`` checks the config and the output folder, seeds, and hands over here. The run
+reads as the LM run does: data (``diffusion.images``), model (``diffusion.unet_folder``), scores before,
+adapter, optimizer and schedule, resume, the loop, scores after, the adapter. The loop, its checkpoints
+(exact resume: the noise and timesteps come from the checkpointed global RNG), metrics.jsonl and progress
+are ``slimtune.train.loop``'s: it trains ``NoisePrediction``, a module whose forward is one batch's
+diffusion loss. The adapter is written in diffusers' format: ``adapter/pytorch_lora_weights.safetensors``.
+
+Scores (before and after): ``noise_loss``, the loss on every training image under fixed noise and
+timesteps; ``median_distance`` and ``copy_fraction`` (``diffusion.memorisation``): samples drawn from fixed
+seeds for the training captions, measured against the training images; the run warns when most copy one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+import slimtune
+from slimtune.diffusion.images import ImageDataError, ImageSet, load_images
+from slimtune.diffusion.memorisation import COPYING, memorisation
+from slimtune.diffusion.objective import noise_prediction_loss
+from slimtune.diffusion.sampling import grid_figure, sample
+from slimtune.diffusion.unet_folder import load_unet_folder
+from slimtune.train.config import RunConfig, save_run_config
+from slimtune.train.distributed import World
+from slimtune.train.loop import LoopConfig, train_loop
+from slimtune.train.model import DTYPES
+from slimtune.train.run import (ADAPTER, RunError, RunResult, make_optimizer, resume_from, total_steps,
+                                write_summary)
+from slimtune.train.sampler import EpochSampler
+from slimtune.train.schedule import make_scheduler
+
+TIMESTEPS = 1000  # DDPM's training schedule length (diffusers' default, Stable Diffusion's)
+SAMPLE_STEPS = 25  # DDIM steps for the memorisation samples
+MAX_SAMPLES = 16  # samples drawn for the memorisation scores and samples.png
+SCORE_SEED = 1234  # fixed noise for the before/after scores, apart from the training RNG
+
+
+class NoisePrediction(nn.Module):
+    """What the loop trains: ``forward(pixel_values (b, c, h, w), labels (b,) prompt rows)`` -> ``.loss``, the
+    batch's mean noise-prediction loss (``objective.noise_prediction_loss``; noise and timesteps from the
+    global RNG, so a checkpoint's RNG state resumes them exactly). Wraps the UNet, never changes it."""
+
+    def __init__(self, unet: nn.Module, scheduler: Any, prompts: Tensor, snr_gamma: float | None) -> None:
+        super().__init__()
+        self.unet, self.noise_scheduler, self.snr_gamma = unet, scheduler, snr_gamma
+        self.register_buffer("prompts", prompts, persistent=False)  # (n, tokens, dim), frozen conditioning
+
+    def forward(self, pixel_values: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Any:
+        states = self.prompts[labels].to(pixel_values.dtype)
+        loss = noise_prediction_loss(self.unet, self.noise_scheduler, pixel_values, generator, self.snr_gamma,
+                                     encoder_hidden_states=states)
+        return SimpleNamespace(loss=loss)
+
+
+def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None],
+                 world: World = World()) -> RunResult:
+    """The run (see the module docstring). Raises RunError (several processes, a bad image folder, caption
+    or image, images that do not fit the UNet, targets the UNet lacks), ModelLoadError (the UNet folder, a
+    caption without a prompt)."""
+    from diffusers import DDPMScheduler
+
+    if world.distributed:
+        raise RunError("data.format: images: runs in one process; run `slimtune train` without --nproc")
+    try:  # every bad file is found before the model loads
+        images = load_images(cfg.data.train, cfg.data.resolution, cfg.data.channels)
+    except ImageDataError as e:  # the CLI's named errors: one `error:` line, exit 2
+        raise RunError(str(e)) from None
+    unet, prompts = load_unet_folder(cfg.model.name, DTYPES[cfg.model.dtype])
+    check_fits(unet, cfg)
+    labels = prompts.ids(images.captions, f"data.train={cfg.data.train!r}")
+    log(f"data: {len(images.files)} images {cfg.data.resolution}x{cfg.data.resolution}, "
+        f"{len(set(images.captions))} captions; UNet: {sum(p.numel() for p in unet.parameters()):,} parameters")
+    scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS, prediction_type=cfg.train.prediction_type)
+    model = NoisePrediction(unet, scheduler, prompts.table.to(DTYPES[cfg.model.dtype]), cfg.train.snr_gamma)
+    before = scores(model, images, labels)
+    try:
+        log(str(slimtune.inject(unet, cfg.adapter, ADAPTER)))
+    except ValueError as e:  # a target that matches no module of the UNet
+        raise RunError(f"adapter.target_modules={cfg.adapter.target_modules!r}: {e}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)  # every input checked: only now is anything written
+    save_run_config(cfg, run_dir / "config.yaml")
+    if cfg.train.grad_checkpointing:
+        unet.enable_gradient_checkpointing()  # diffusers' own: recompute each block's activations in backward
+    total = fit(model, images.images.to(DTYPES[cfg.model.dtype]), labels, cfg, run_dir, resume, log)
+    after = scores(model, images, labels, run_dir / "samples.png")
+    if after.get("copy_fraction", 0.0) >= COPYING:
+        log(f"warning: {after['copy_fraction']:.0%} of the samples copy a training image (nearer to one than "
+            "half the training images' own spacing): the LoRA memorises; train fewer steps or on more images")
+    adapter_dir = slimtune.save_adapter(unet, run_dir / "adapter", ADAPTER, format="diffusers")
+    result = RunResult(run_dir, adapter_dir, total, before, after)
+    write_summary(run_dir, result)
+    return result
+
+
+def fit(model: NoisePrediction, images: Tensor, labels: Tensor, cfg: RunConfig, run_dir: Path, resume: bool,
+        log: Callable[[str], None]) -> int:
+    """Optimizer, schedule, sampler, resume, and the LM run's loop over ``images`` (n, c, h, w) with their
+    prompt rows ``labels`` (n,); returns the run's total steps."""
+    total = total_steps(cfg, images.shape[0])
+    optimizer = make_optimizer(model, cfg)
+    lr_schedule = make_scheduler(optimizer, total, cfg.train.warmup_steps(total), cfg.train.scheduler)
+    sampler = EpochSampler(images.shape[0], cfg.train.batch_size, cfg.train.seed)
+    start = resume_from(run_dir, model, optimizer, lr_schedule, sampler, log) if resume else 0
+    t = cfg.train
+    loop_cfg = LoopConfig(max_steps=total, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+                          precision=t.precision, log_every=t.log_every, eval_every=t.eval_every,
+                          save_every=t.save_every, keep_last=t.keep_last)
+    batch = lambda idx: {"pixel_values": images[idx], "labels": labels[idx]}  # noqa: E731
+    evaluate = lambda: {"noise_loss": fixed_noise_loss(model, images, labels)}  # noqa: E731
+    train_loop(model, optimizer, lr_schedule, sampler, batch, loop_cfg, run_dir, ADAPTER, start_step=start,
+               evaluate=evaluate, echo=log)
+    return total
+
+
+def check_fits(unet: nn.Module, cfg: RunConfig) -> None:
+    """The images must be what the UNet denoises: its channels, a side its down-sampling divides."""
+    c = unet.config
+    if cfg.data.channels != c.in_channels:
+        raise RunError(f"data.channels={cfg.data.channels}: the UNet in {cfg.model.name!r} takes {c.in_channels} "
+                       "channels (pixel-space training: images are the UNet's input)")
+    step = 2 ** (len(c.block_out_channels) - 1)
+    if cfg.data.resolution % step:
+        raise RunError(f"data.resolution={cfg.data.resolution}: must be a multiple of {step} (the UNet halves "
+                       f"the image {len(c.block_out_channels) - 1} times)")
+
+
+@torch.no_grad()
+def fixed_noise_loss(model: NoisePrediction, images: Tensor, labels: Tensor, batch: int = 64) -> float:
+    """The mean noise-prediction loss over ``images`` (n, c, h, w) with noise and timesteps from a fixed seed
+    (the same draws before and after training; the training RNG is not touched)."""
+    gen = torch.Generator().manual_seed(SCORE_SEED)
+    dtype = next(model.unet.parameters()).dtype
+    total = 0.0
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch]
+        total += float(model(x.to(dtype), labels[i:i + batch], generator=gen).loss) * x.shape[0]
+    return total / images.shape[0]
+
+
+@torch.no_grad()
+def scores(model: NoisePrediction, data: ImageSet, labels: Tensor, figure: Path | None = None) -> dict[str, float]:
+    """noise_loss, and (with 2+ images) the memorisation of samples drawn for the first MAX_SAMPLES
+    training captions from fixed seeds; ``figure``: those samples as a PNG grid."""
+    from diffusers import DDIMScheduler
+
+    was_training = model.training
+    model.eval()
+    out = {"noise_loss": fixed_noise_loss(model, data.images, labels)}
+    rows = labels[:MAX_SAMPLES]
+    unet = model.unet
+    start = torch.randn((len(rows), *data.images.shape[1:]), generator=torch.Generator().manual_seed(SCORE_SEED))
+    drawn = sample(unet, DDIMScheduler.from_config(model.noise_scheduler.config), start.shape, SAMPLE_STEPS,
+                   latents=start, encoder_hidden_states=model.prompts[rows].to(next(unet.parameters()).dtype))
+    if data.images.shape[0] >= 2:
+        m = memorisation(drawn.float(), data.images)
+        out |= {"median_distance": m.median_distance, "copy_fraction": m.copy_fraction}
+    if figure is not None:
+        write_grid(drawn, figure)
+    model.train(was_training)
+    return out
+
+
+def write_grid(images: Tensor, path: Path) -> None:
+    """``images`` (n, c, h, w) as a PNG grid of up to 8 columns, written to a temporary name and renamed."""
+    import matplotlib.pyplot as plt
+
+    from slimtune.files.write import atomic_write
+
+    rows = max(1, -(-images.shape[0] // 8))
+    fig = grid_figure(images, rows, "samples after training (fixed seeds, training captions)")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

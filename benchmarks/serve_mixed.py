@@ -16,6 +16,7 @@ Writes benchmarks/results/serve_mixed.md.
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -139,7 +140,9 @@ def main() -> None:
         f"{single[1] / plain[1]:.2f}x |",
         f"| merged (PEFT merge_and_unload) vs base, decode latency (s) | {fused[1]:.4f} | base {plain[1]:.4f} | "
         f"{fused[1] / plain[1]:.2f}x |", "",
-        "Targets (issue 13): mixed batch >= 2x PEFT; unmerged <= 1.3x base; merged 1.0x.",
+        "Targets (issue 13): mixed batch >= 2x PEFT; unmerged <= 1.3x base; merged 1.0x.", "",
+        f"Load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the core "
+        "count, other jobs shared the CPU and the ratios are noisy: rerun on a quiet machine).",
     ]
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")

@@ -8,22 +8,31 @@ import pytest
 import torch
 
 from slimtune.serve import MultiAdapterModel
-from slimtune.serve.layer import NO_ADAPTER, batched_lora_delta
+from slimtune.serve.layer import NO_ADAPTER, RowPlan, grouped_lora_delta
 from tests.conftest import tokens
 from tests.serve.helpers import merged_oracle, three_adapters
 
 
-def test_batched_delta_is_the_lora_formula_per_row():
+@pytest.mark.parametrize("rows", [[2, 0, 2, 1], [1, 1, 1, 1], [NO_ADAPTER, 2, NO_ADAPTER, 2, 0, 2]],
+                         ids=["uneven-groups", "one-adapter", "with-base-rows"])
+def test_grouped_delta_is_the_lora_formula_per_row(rows):
     g = torch.Generator().manual_seed(0)
-    S, R, d_in, d_out, N, T = 3, 5, 7, 6, 4, 3
+    S, R, d_in, d_out, N, T = 3, 5, 7, 6, len(rows), 3
     A, B = torch.randn(S, R, d_in, generator=g), torch.randn(S, d_out, R, generator=g)
     scale, x = torch.rand(S, generator=g), torch.randn(N, T, d_in, generator=g)
-    rows = torch.tensor([2, 0, 2, 1])
-    got = batched_lora_delta(x, A, B, scale, rows)
-    for n in range(N):
-        k = int(rows[n])
+    plan = RowPlan.of(rows)
+    got = grouped_lora_delta(x, A, B, scale, plan)
+    used = [n for n, k in enumerate(rows) if k != NO_ADAPTER]
+    assert got.shape == (len(used), T, d_out)
+    assert (plan.used is None) == (len(used) == N)
+    for i, n in enumerate(used):
+        k = rows[n]
         want = scale[k] * (x[n] @ (B[k] @ A[k]).T)  # s x (B A)^T: the merged update
-        torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_plan_when_no_row_uses_an_adapter():
+    assert RowPlan.of([NO_ADAPTER, NO_ADAPTER]) is None
 
 
 def test_mixed_batch_rows_equal_peft_merged_each(tmp_path):

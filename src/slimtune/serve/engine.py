@@ -196,9 +196,11 @@ class Engine:
     def _sample(self, rows: list[Request], logits: Tensor) -> None:
         """Choose each row's next token (logits (n, V) for ``rows``, the last rows of the batch), record it."""
         offset = len(self.running) - len(rows)
-        for i, r in enumerate(rows):
-            t = next_token(logits[i], r.params, r.generator)
-            self.next_ids[offset + i] = t
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy row, not one per row
+        chosen = [greedy[i] if r.params.temperature == 0 else next_token(logits[i], r.params, r.generator)
+                  for i, r in enumerate(rows)]
+        self.next_ids[offset:] = torch.tensor(chosen, dtype=self.next_ids.dtype, device=self.next_ids.device)
+        for r, t in zip(rows, chosen):
             self._record(r, t)
 
     def _record(self, r: Request, token: int) -> None:

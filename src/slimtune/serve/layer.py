@@ -1,13 +1,20 @@
-"""Many LoRA adapters in one Linear-like layer, each batch row using its own (or none): batched gather-matmuls.
+"""Many LoRA adapters in one Linear-like layer, each batch row using its own (or none): grouped batched matmuls.
 
-The idea of Punica's BGMV and S-LoRA: instead of merging one adapter into the base weight, keep every adapter's
-A and B stacked by *slot* and, per row of the batch, gather that row's A and B and run two batched matmuls. The
-base matmul is shared by all rows. Adapters of different ranks are zero-padded to the largest rank loaded, and an
-adapter that does not target a layer has an all-zero slot there: both add exact zeros (a padded sum may round
-differently in the last bit, 1e-7 relative), so one batch can mix adapters of any ranks and target sets. Torch only: no files, no HTTP.
+The idea of Punica's SGMV and S-LoRA: instead of merging one adapter into the base weight, keep every adapter's
+A and B stacked by *slot*; group the batch rows by slot once per forward (``RowPlan``: rows sorted by slot and
+padded to the largest group), and per layer run two batched matmuls over the G adapters present, each group's rows
+against its own A and B. A per-row gather of A and B (BGMV) would copy R x (d_in + d_out) numbers per row per
+layer; grouping copies only the rows' activations, and the planning (sorting, padding, index tensors) happens once
+per forward, not once per layer. The base matmul is shared by all rows. Adapters of different ranks are
+zero-padded to the largest rank loaded, and an adapter that does not target a layer has an all-zero slot there:
+both add exact zeros (a padded sum may round differently in the last bit, 1e-7 relative), so one batch can mix
+adapters of any ranks and target sets. Torch only: no files, no HTTP.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,17 +23,60 @@ from transformers.pytorch_utils import Conv1D
 NO_ADAPTER = -1  # a row's slot index meaning "the base model only"
 
 
-def batched_lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, rows: Tensor) -> Tensor:
-    """The LoRA update for each row: s_k (x_n A_k^T) B_k^T with k = rows[n].
+@dataclass(frozen=True)
+class RowPlan:
+    """The rows of one batch grouped by adapter slot; built once per forward, read by every layer.
 
-    x: (N, T, d_in); A: (S, R, d_in); B: (S, d_out, R); scale: (S,); rows: (N,) long in [0, S).
-    Returns (N, T, d_out) in A's dtype. Zero-padded ranks and zero slots add zeros.
+    slots: (G,) long, the distinct slots used, ascending. gather: (G * M,) long, the batch row that each position
+    of the padded (G, M) layout reads (group g's rows, then its first row repeated up to M: padding positions are
+    computed and never read back). scatter: (n,) long, the padded position of each row in ``used``. used: (n,)
+    long rows that use an adapter, or None when all N rows do (then ``scatter`` follows rows 0..N-1).
     """
-    a = A.index_select(0, rows)  # (N, R, d_in): the BGMV gather
-    b = B.index_select(0, rows)  # (N, d_out, R)
-    xa = torch.bmm(x.to(A.dtype), a.transpose(1, 2))  # (N, T, R)
-    xa = xa * scale.index_select(0, rows)[:, None, None]
-    return torch.bmm(xa, b.transpose(1, 2))  # (N, T, d_out)
+
+    slots: Tensor
+    gather: Tensor
+    scatter: Tensor
+    used: Tensor | None
+    group: int  # M: rows per group after padding
+    top_slot: int  # the largest slot used
+
+    @classmethod
+    def of(cls, rows: Sequence[int], device: torch.device | str = "cpu") -> "RowPlan | None":
+        """The plan for per-row slots ``rows`` (NO_ADAPTER: the base); None when no row uses an adapter."""
+        used = [n for n, k in enumerate(rows) if k != NO_ADAPTER]
+        if not used:
+            return None
+        groups: dict[int, list[int]] = {}
+        for n in used:
+            groups.setdefault(rows[n], []).append(n)
+        slots = sorted(groups)
+        m = max(len(g) for g in groups.values())
+        gather, where = [], {}
+        for g, k in enumerate(slots):
+            members = groups[k]
+            where.update({n: g * m + j for j, n in enumerate(members)})
+            gather += members + [members[0]] * (m - len(members))
+
+        def long(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(long(slots), long(gather), long([where[n] for n in used]),
+                   None if len(used) == len(rows) else long(used), m, slots[-1])
+
+
+def grouped_lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: RowPlan) -> Tensor:
+    """The LoRA update of each used row n: s_k (x_n A_k^T) B_k^T with k its slot, grouped by slot.
+
+    x: (N, T, d_in); A: (S, R, d_in); B: (S, d_out, R); scale: (S,); every slot of ``plan`` < S.
+    Returns (n, T, d_out) in A's dtype for the rows ``plan.used`` (all N rows, in order, when it is None).
+    """
+    G, M, T = plan.slots.shape[0], plan.group, x.shape[1]
+    xg = x.to(A.dtype).index_select(0, plan.gather).reshape(G, M * T, x.shape[2])  # rows sorted by slot, padded
+    a = A.index_select(0, plan.slots)  # (G, R, d_in): one copy per adapter present, not per row
+    b = B.index_select(0, plan.slots)  # (G, d_out, R)
+    xa = torch.bmm(xg, a.transpose(1, 2)) * scale.index_select(0, plan.slots)[:, None, None]  # (G, M*T, R)
+    delta = torch.bmm(xa, b.transpose(1, 2))  # (G, M*T, d_out)
+    return delta.reshape(G * M, T, -1).index_select(0, plan.scatter)
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:
@@ -38,13 +88,13 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
 
 
 class RowAdapters:
-    """The per-row slot indices of the batch being computed, shared by every MultiLoraLinear of one model.
+    """The plan of the batch being computed, shared by every MultiLoraLinear of one model.
 
-    ``rows`` is None (every row uses the base) or (N,) long; set by the model around each forward.
+    ``plan`` is None (every row uses the base) or the ``RowPlan`` of the rows; set by the model around each forward.
     """
 
     def __init__(self) -> None:
-        self.rows: Tensor | None = None
+        self.plan: RowPlan | None = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -66,21 +116,17 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        rows = self.state.rows
-        if rows is None or self.A.shape[0] == 0:
+        plan = self.state.plan
+        if plan is None or self.A.shape[1] == 0:
             return out
-        rows = torch.where(rows < self.A.shape[0], rows, NO_ADAPTER)  # slots beyond this layer's: not targeted
-        used = rows >= 0
-        if not bool(used.any()):
-            return out
+        if plan.top_slot >= self.A.shape[0]:  # slots this layer never held: zero slots (the base), grown once
+            self._grow(plan.top_slot + 1, self.A.shape[1])
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, d_in)
-        if bool(used.all()):
-            delta = batched_lora_delta(x3, self.A, self.B, self.scale, rows)
-            return out + delta.reshape(out.shape).to(out.dtype)
-        idx = used.nonzero().squeeze(1)  # (n,) rows that use an adapter
-        delta = batched_lora_delta(x3.index_select(0, idx), self.A, self.B, self.scale, rows.index_select(0, idx))
-        out3 = out.reshape(out.shape[0], -1, out.shape[-1]).clone()
-        out3.index_add_(0, idx, delta.to(out.dtype))
+        delta = grouped_lora_delta(x3, self.A, self.B, self.scale, plan).to(out.dtype)
+        if plan.used is None:
+            return out + delta.reshape(out.shape)
+        out3 = out.reshape(out.shape[0], -1, out.shape[-1])  # a fresh tensor of base_layer: safe to add into
+        out3.index_add_(0, plan.used, delta)
         return out3.reshape(out.shape)
 
     def set_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from slimtune.modules import set_submodule
 from slimtune.serve.adapters import ServableAdapter, linear_layers, read_servable
-from slimtune.serve.layer import NO_ADAPTER, MultiLoraLinear, RowAdapters
+from slimtune.serve.layer import NO_ADAPTER, MultiLoraLinear, RowAdapters, RowPlan
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -94,14 +94,14 @@ class MultiAdapterModel:
             set_submodule(self.base, name, module)
         return module
 
-    def rows(self, adapters: Sequence[str | None]) -> Tensor:
-        """(N,) long slot per row (NO_ADAPTER for None). UnknownAdapter for a name that is not loaded."""
+    def slot_list(self, adapters: Sequence[str | None]) -> list[int]:
+        """The slot of each row (NO_ADAPTER for None). UnknownAdapter for a name that is not loaded."""
         out = []
         for a in adapters:
             if a is not None and a not in self.slots:
                 raise UnknownAdapter(f"adapter {a!r} is not loaded; loaded: {sorted(self.slots) or 'none'}")
             out.append(NO_ADAPTER if a is None else self.slots[a])
-        return torch.tensor(out, dtype=torch.long, device=self.device)
+        return out
 
     @property
     def context_length(self) -> int:
@@ -120,14 +120,15 @@ class MultiAdapterModel:
         Extra keyword arguments (attention_mask, position_ids, cache, ...) go to the base model.
         """
         with self.lock:
-            rows = None if adapters is None else self.rows(adapters)
-            if rows is not None and rows.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"adapters has {rows.shape[0]} entries for {input_ids.shape[0]} rows")
-            self.state.rows = rows
+            rows = None if adapters is None else self.slot_list(adapters)
+            if rows is not None and len(rows) != input_ids.shape[0]:
+                raise ValueError(f"adapters has {len(rows)} entries for {input_ids.shape[0]} rows")
+            # grouped once here, for every layer of this forward
+            self.state.plan = None if rows is None else RowPlan.of(rows, self.device)
             try:
                 return self.base(input_ids=input_ids, **kwargs)
             finally:
-                self.state.rows = None
+                self.state.plan = None
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
                  max_tokens: int | Sequence[int] = 16, temperature: float = 0.0, top_p: float = 1.0,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from slimtune.cli import app
@@ -64,3 +65,78 @@ def test_serve_subprocess_answers_the_openai_client(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}/v1" in out  # the default host: this machine only
+
+
+def served_world(tmp_path: Path, quantized: bool):
+    """(base folder, adapters folder, base model as served-to-be, adapter folder): a tiny SmolLM2-vocabulary Llama
+    saved as an HF folder and one adapter trained on it (on its NF4 form when ``quantized``)."""
+    import copy
+
+    from slimtune.quant import quantize_model
+
+    folder = tmp_path / "tiny"
+    model = tiny_vocab_llama(seed=3)
+    model.save_pretrained(folder)
+    load_tokenizer("smollm2-135m").save_pretrained(folder)
+    trained_on = copy.deepcopy(model)
+    if quantized:
+        quantize_model(trained_on)
+    adapter = slimtune_adapter(trained_on, tmp_path / "adapters" / "a", 1, std=0.3, r=4,
+                               target_modules=("q_proj", "v_proj", "down_proj"))
+    return folder, tmp_path / "adapters", trained_on, adapter
+
+
+def test_serve_quantize_nf4_through_the_cli_path_equals_peft_on_the_dequantized_base(tmp_path):
+    """`slimtune serve --quantize nf4`'s own builder: the qlora adapter serves; greedy text = PEFT merged into the
+    weights the 4-bit layers compute with; an fp32-trained adapter dropped in is refused (409)."""
+    from slimtune.quant import dequantize_model
+    from slimtune.serve.commands import build_server
+    from tests.serve.helpers import merged_oracle
+    from tests.serve.server import post, running
+
+    folder, adapters, nf4, adapter = served_world(tmp_path, quantized=True)
+    slimtune_adapter(tiny_vocab_llama(seed=3), adapters / "later" / "plain", 2, r=4)  # trained on the fp32 base
+    app = build_server(str(folder), str(adapters), quantize="nf4")
+    plain = nf4
+    dequantize_model(plain)
+    oracle, tok = merged_oracle(plain, adapter), load_tokenizer("smollm2-135m")
+    ids = tok("The cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        got = client.completions.create(model="a", prompt="The cat", max_tokens=6, temperature=0)
+        assert got.choices[0].text == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+        status, body = post(url + "/v1/load_lora_adapter", {"lora_name": "plain", "lora_path": "later/plain"})
+    assert status == 409 and "4-bit NF4" in body["error"]["message"], body
+
+
+def test_serve_bf16_base_through_the_cli_path_answers_close_to_peft(tmp_path):
+    """`slimtune serve --dtype bfloat16`: an fp32-trained adapter on the bf16 base; the first-token logits are
+    within bf16 rounding of PEFT's on the same bf16 base, and the server answers the openai client."""
+    import copy
+
+    from peft import PeftModel
+
+    from slimtune.serve.commands import build_server
+    from tests.serve.server import running
+
+    folder, adapters, base, adapter = served_world(tmp_path, quantized=False)
+    app = build_server(str(folder), str(adapters), dtype="bfloat16")
+    served = app.state.registry.model
+    assert next(served.base.parameters()).dtype == torch.bfloat16
+    with running(app) as url:  # the first request loads the adapter
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert r.usage.completion_tokens == 4
+    ids = load_tokenizer("smollm2-135m")("The cat sat", return_tensors="pt")["input_ids"]
+    oracle = PeftModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), str(adapter)).eval()
+    exact = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()  # fp32: the error's scale
+    with torch.no_grad():
+        got = served.forward(ids, ["a"]).logits[0, -1].float()
+        want = oracle(ids).logits[0, -1].float()
+        ref = exact(ids).logits[0, -1]
+        without = served.forward(ids, [None]).logits[0, -1].float()
+    bf16_error = (want - ref).abs().max().item()
+    assert (got - ref).abs().max().item() <= 2 * bf16_error + 1e-3  # as close to fp32 as PEFT's own bf16 run
+    assert (got - without).abs().max().item() > 4 * bf16_error  # and the adapter acts

@@ -21,6 +21,7 @@ from slimtune.files.diffusers_keys import (DIFFUSERS_WEIGHTS_NAME, METADATA_KEY,
                                            to_diffusers_key)
 from slimtune.files.keys import adapter_tensors, config_of, model_fingerprint
 from slimtune.files.peft_schema import CONFIG_NAME, WEIGHTS_NAME, peft_config_dict
+from slimtune.files.vllm_compat import warn_if_vllm_refuses
 from slimtune.version import __version__
 
 
@@ -38,7 +39,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     ``path/pytorch_lora_weights.safetensors`` as diffusers' pipelines load it, keys behind ``component``
     (default: by the model's class, ``unet`` for a UNet2DConditionModel; see ``save_diffusers``).
     Files are written to temporaries and renamed, so an interrupted save leaves the previous
-    files (or nothing), never a truncated one. Raises ValueError for an unknown adapter name, format or
+    files (or nothing), never a truncated one. An adapter vLLM will refuse (DoRA, trained bias,
+    modules_to_save, PiSSA/OLoRA init, not LoRA) is saved with a ``VllmIncompatibleWarning`` naming why. Raises ValueError for an unknown adapter name, format or
     component and RuntimeError while adapters are merged.
     """
     if format == "diffusers":
@@ -58,6 +60,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    warn_if_vllm_refuses(config, folder)
     return folder
 
 

@@ -37,6 +37,7 @@ def world(tmp_path_factory):
     extra = {
         "hot": slimtune_adapter(base, adapters / "extra" / "hot", 4, r=4, target_modules=("o_proj",)),
         "dora": slimtune_adapter(base, adapters / "extra" / "dora", 5, r=4, use_dora=True),
+        "mts": slimtune_adapter(base, adapters / "extra" / "mts", 8, r=4, modules_to_save=("lm_head",)),
         "other": slimtune_adapter(tiny_vocab_llama(seed=7), adapters / "extra" / "other", 6, r=4),
         "outside": slimtune_adapter(base, root / "outside" / "evil", 7, r=4),
     }
@@ -149,16 +150,17 @@ def test_n_seed_stop_and_usage(client):
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
-def test_hot_load_and_unload(client, server, world):
+@pytest.mark.parametrize("name", ["hot", "dora"])  # a LoRA, and a DoRA (served batched too)
+def test_hot_load_and_unload(client, server, world, name):
     base, tok, _, _, extra = world
-    status, body = post(server + "/v1/load_lora_adapter", {"lora_name": "hot", "lora_path": "extra/hot"})
+    status, body = post(server + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": f"extra/{name}"})
     assert status == 200, body
-    assert "hot" in {m.id for m in client.models.list().data}
-    r = client.completions.create(model="hot", prompt="Hi there", max_tokens=6, temperature=0)
-    assert r.choices[0].text == greedy_text(merged_oracle(base, extra["hot"]), tok, "Hi there", 6)
-    assert post(server + "/v1/unload_lora_adapter", {"lora_name": "hot"})[0] == 200
-    with pytest.raises(openai.NotFoundError, match="'hot'"):
-        client.completions.create(model="hot", prompt="Hi", max_tokens=2)
+    assert name in {m.id for m in client.models.list().data}
+    r = client.completions.create(model=name, prompt="Hi there", max_tokens=6, temperature=0)
+    assert r.choices[0].text == greedy_text(merged_oracle(base, extra[name]), tok, "Hi there", 6)
+    assert post(server + "/v1/unload_lora_adapter", {"lora_name": name})[0] == 200
+    with pytest.raises(openai.NotFoundError, match=f"'{name}'"):
+        client.completions.create(model=name, prompt="Hi", max_tokens=2)
 
 
 @pytest.mark.parametrize("body, status, param, words", [
@@ -169,7 +171,7 @@ def test_hot_load_and_unload(client, server, world):
     ({"lora_name": "qv4", "lora_path": "extra/hot"}, 400, "lora_name", "exists"),
     ({"lora_name": "x4", "lora_path": "extra/nothing"}, 400, "lora_path", "is not a folder"),
     ({"lora_name": "x5", "lora_path": "extra/other"}, 409, "lora_path", "different base model"),
-    ({"lora_name": "x6", "lora_path": "extra/dora"}, 422, "lora_path", "use_dora=True"),
+    ({"lora_name": "x6", "lora_path": "extra/mts"}, 422, "lora_path", "modules_to_save=['lm_head']"),
 ])
 def test_load_errors(server, client, body, status, param, words):
     got, err = post(server + "/v1/load_lora_adapter", body)

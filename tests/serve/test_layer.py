@@ -80,3 +80,51 @@ def test_unload_frees_the_slot_and_the_name(tmp_path):
             want = merged_oracle(base, folders[name])(ids[i:i + 1]).logits[0]
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
     assert NO_ADAPTER == -1
+
+
+def dora_world(tmp_path, build):
+    """(base, {name: folder}): DoRA adapters (slimtune- and PEFT-written, different ranks and targets) beside a
+    plain LoRA, on ``build()``'s model; GPT-2's Conv1D layers carry a bias, which DoRA leaves unscaled."""
+    from tests.serve.helpers import peft_adapter, slimtune_adapter
+
+    base = build()
+    linear = ["c_attn", "c_proj"] if "GPT2" in type(base).__name__ else ["q_proj", "v_proj", "down_proj"]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # GPT-2 starts with zero biases: make them count
+        for name, p in base.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    folders = {
+        "dora4": slimtune_adapter(base, tmp_path / "dora4", 1, std=0.3, r=4, alpha=8, use_dora=True,
+                                  target_modules=tuple(linear)),
+        "pdora2": peft_adapter(base, tmp_path / "pdora2", 2, std=0.3, r=2, lora_alpha=4, use_dora=True,
+                               target_modules=linear[:1]),
+        "lora8": slimtune_adapter(base, tmp_path / "lora8", 3, std=0.3, r=8, target_modules=tuple(linear[-1:])),
+    }
+    return base, folders
+
+
+@pytest.mark.parametrize("build", ["tiny_llama", "tiny_gpt2"])
+def test_dora_rows_share_the_batch_and_equal_peft_merged_each(tmp_path, build):
+    """DoRA served batched: each row equals PEFT's DoRA merged alone (1e-5), beside LoRA and base rows."""
+    import tests.conftest as conftest
+
+    base, folders = dora_world(tmp_path, getattr(conftest, build))
+    served = MultiAdapterModel(copy.deepcopy(base))
+    for name, folder in folders.items():
+        served.load(name, folder)
+    names = ["dora4", None, "lora8", "pdora2", "dora4", "lora8", "pdora2"]
+    ids = tokens(len(names), 9)
+    got = served.forward(ids, names).logits
+    with torch.no_grad():
+        plain = base(ids).logits
+        for i, name in enumerate(names):
+            oracle = base if name is None else merged_oracle(base, folders[name])
+            torch.testing.assert_close(got[i], oracle(ids[i:i + 1]).logits[0], rtol=1e-5, atol=1e-5)
+            if name is not None:
+                assert (got[i] - plain[i]).abs().max() > 1e-2
+    served.unload("dora4")  # its slot back to the base (c = 1, A = B = 0), then reused by a plain LoRA
+    assert served.load("again", folders["lora8"]) and served.slots["again"] == 0
+    with torch.no_grad():
+        want = merged_oracle(base, folders["lora8"])(ids[:1]).logits[0]
+    torch.testing.assert_close(served.forward(ids[:2], ["again", "pdora2"]).logits[0], want, rtol=1e-5, atol=1e-5)

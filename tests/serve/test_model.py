@@ -36,10 +36,15 @@ def test_other_base_model_is_refused_by_fingerprint(base, tmp_path):
     refused(base, folder, BaseMismatch, "trained on a different base model")
 
 
-def test_dora_is_refused_with_the_reason(base, tmp_path):
-    refused(base, slimtune_adapter(base, tmp_path / "s", 1, r=4, use_dora=True), AdapterRefused,
-            "use_dora=True \\(DoRA renormalises")
-    refused(base, peft_adapter(base, tmp_path / "p", 1, r=4, use_dora=True), AdapterRefused, "use_dora=True")
+def test_a_dora_file_without_its_magnitudes_is_a_named_error(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = peft_adapter(base, tmp_path / "p", 1, r=4, use_dora=True, target_modules=["q_proj", "v_proj"])
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "layers.1.self_attn.v_proj.lora_magnitude" not in k},
+              weights)
+    refused(base, folder, AdapterFileError, "DoRA module 'model.layers.1.self_attn.v_proj' needs "
+            "lora_magnitude_vector of shape \\(32,\\), found None")
 
 
 def test_bottleneck_and_embedding_lora_are_refused(base, tmp_path):
@@ -60,16 +65,18 @@ def test_nf4_scheme_must_match_and_serves_exactly_on_an_nf4_base(base, tmp_path)
     quantize_model(nf4)
     folder = slimtune_adapter(nf4, tmp_path / "q", 1, r=4, target_modules=("q_proj", "v_proj", "down_proj"))
     refused(base, folder, BaseMismatch, "trained on a 4-bit NF4 base, this server's base is fp32")
+    dora = slimtune_adapter(nf4, tmp_path / "d", 2, r=4, use_dora=True, target_modules=("k_proj", "up_proj"))
     served = MultiAdapterModel(copy.deepcopy(nf4))
     served.load("q", folder)
+    served.load("d", dora)  # DoRA's norm uses the dequantized weight, as in QLoRA training
     ids = tokens(3, 8)
-    got = served.forward(ids, ["q", None, "q"]).logits
+    got = served.forward(ids, ["q", None, "d"]).logits
     plain = copy.deepcopy(nf4)
     dequantize_model(plain)  # the oracle: PEFT merged into the dequantized weights the 4-bit layers compute with
-    want = merged_oracle(plain, folder)
     with torch.no_grad():
-        torch.testing.assert_close(got[0], want(ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[0], merged_oracle(plain, folder)(ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], plain(ids[1:2]).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], merged_oracle(plain, dora)(ids[2:]).logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_names_are_validated_and_unique(base, tmp_path):

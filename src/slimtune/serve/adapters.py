@@ -1,12 +1,13 @@
 """Reading an adapter folder for serving: slimtune's reader and checks, then what batching needs.
 
 ``files.read_folder`` reads only JSON and safetensors and checks the config, the tensors (floating point,
-finite) and slimtune's manifest. On top, an adapter served in a mixed batch must be a plain low-rank update
-y += s (x A^T) B^T of Linear-like layers; everything else is refused with the reason (``AdapterRefused``):
+finite) and slimtune's manifest. On top, an adapter served in a mixed batch must be a low-rank update
+y += s (x A^T) B^T of Linear-like layers, or DoRA's form of it; everything else is refused with the reason
+(``AdapterRefused``):
 
-- DoRA rescales each output row of the *merged* weight W0 + s B A by m / ||W0 + s B A||: the update is not
-  low-rank and depends on the whole weight, so it cannot be one gathered term of a shared batch. Merge it
-  (``slimtune.merge``) and serve the merged model instead.
+- DoRA is served, batched: at inference its per-row rescaling c = m / ||W0 + s B A|| (d_out,) is a constant,
+  computed here once from the served base's weight, and the layer adds (c - 1) * (W0 x) + c * s B A x, the
+  same expression PEFT's DoRA layer computes.
 - Bottleneck adapters add a non-linear module after a layer, prompt tuning prepends virtual tokens (changing
   every row's length), ``modules_to_save`` replaces whole modules per adapter, and trained biases replace the
   base's bias: none is a per-row low-rank term.
@@ -20,16 +21,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from slimtune import fingerprint
 from slimtune.config import LoraConfig
 from slimtune.files import PREFIX, AdapterFileError, read_folder
 from slimtune.injection import is_linear_like
-from slimtune.merging import lora_scale
+from slimtune.layers.dora import dense_weight
+from slimtune.merging import dora_norm, lora_scale
 from slimtune.serve.layer import MultiLoraLinear, linear_dims
 
 LORA_KEYS = ("lora_A.weight", "lora_B.weight")
+MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m (d_out,), as PEFT and slimtune write it
 
 
 class AdapterRefused(ValueError):
@@ -42,11 +46,13 @@ class BaseMismatch(ValueError):
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One module's update: A (r, d_in), B (d_out, r), scale s."""
+    """One module's update: A (r, d_in), B (d_out, r), scale s; for DoRA, ``column_scale`` c (d_out,) =
+    m / ||W0 + s B A|| per output row (None for LoRA)."""
 
     A: Tensor
     B: Tensor
     scale: float
+    column_scale: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ def read_servable(path: str | os.PathLike, model: nn.Module, bases: dict[str, nn
     folder = read_folder(path)
     config = folder.config
     refuse_unbatchable(config, folder.config_path)
-    modules = lora_modules(folder.tensors, folder.weights_path)
+    modules, magnitudes = lora_modules(folder.tensors, folder.weights_path)
     weights = {}
     for name, (A, B) in modules.items():
         base = bases.get(name)
@@ -82,10 +88,24 @@ def read_servable(path: str | os.PathLike, model: nn.Module, bases: dict[str, nn
             raise AdapterFileError(f"{folder.weights_path}: {name} has lora_A {tuple(A.shape)} and lora_B "
                                    f"{tuple(B.shape)}; this model needs (r, {d_in}) and ({d_out}, r)")
         r = A.shape[0]
-        weights[name] = LoraWeights(A.float(), B.float(), lora_scale(config.alpha_for(name), r, config.use_rslora))
+        scale = lora_scale(config.alpha_for(name), r, config.use_rslora)
+        weights[name] = LoraWeights(A.float(), B.float(), scale, dora_column_scale(
+            magnitudes.get(name), base, A, B, scale, folder.weights_path, name) if config.use_dora else None)
     if folder.fingerprint is not None:
         check_base(folder.fingerprint, model, {n: bases[n] for n in weights}, folder.weights_path)
     return ServableAdapter(str(path), config, weights)
+
+
+def dora_column_scale(m: Tensor | None, base: nn.Module, A: Tensor, B: Tensor, scale: float, where: object,
+                      name: str) -> Tensor:
+    """DoRA's inference constant c = m / ||W0 + s B A|| (d_out,), fp32, from the base layer's (dequantized)
+    weight. AdapterFileError when the magnitude is missing or not (d_out,)."""
+    W0 = dense_weight(base)  # (d_out, d_in)
+    if m is None or tuple(m.shape) != (W0.shape[0],):
+        raise AdapterFileError(f"{where}: DoRA module {name!r} needs {MAGNITUDE_KEY} of shape ({W0.shape[0]},), "
+                               f"found {None if m is None else tuple(m.shape)}")
+    with torch.no_grad():
+        return m.float() / dora_norm(W0.float(), A.float(), B.float(), scale)
 
 
 def refuse_unbatchable(config: object, where: object) -> None:
@@ -95,9 +115,6 @@ def refuse_unbatchable(config: object, where: object) -> None:
         raise AdapterRefused(f"{where}: a {method} adapter is not a low-rank update of linear layers, so it cannot "
                              "share a batch with others; only LoRA adapters are served")
     reasons = []
-    if config.use_dora:
-        reasons.append("use_dora=True (DoRA renormalises each row of the merged weight, not a low-rank term; "
-                       "merge it and serve the merged model)")
     if config.init in ("pissa", "olora"):
         reasons.append(f"init={config.init!r} (the file is relative to a rewritten base weight)")
     if config.modules_to_save:
@@ -108,11 +125,17 @@ def refuse_unbatchable(config: object, where: object) -> None:
         raise AdapterRefused(f"{where}: cannot be served in a mixed batch: {'; '.join(reasons)}")
 
 
-def lora_modules(tensors: dict[str, Tensor], where: object) -> dict[str, tuple[Tensor, Tensor]]:
-    """Module name -> (A, B) from PEFT keys ``base_model.model.<module>.lora_A.weight``. AdapterRefused for any
-    other tensor (an embedding or conv LoRA, a bias); AdapterFileError for an A without its B."""
+def lora_modules(tensors: dict[str, Tensor], where: object) -> tuple[dict[str, tuple[Tensor, Tensor]],
+                                                                      dict[str, Tensor]]:
+    """(module name -> (A, B), module name -> DoRA magnitude) from PEFT keys
+    ``base_model.model.<module>.lora_A.weight`` / ``.lora_magnitude_vector``. AdapterRefused for any other tensor
+    (an embedding or conv LoRA, a bias); AdapterFileError for an A without its B or a magnitude without both."""
     found: dict[str, dict[str, Tensor]] = {}
+    magnitudes: dict[str, Tensor] = {}
     for key, t in tensors.items():
+        if key.startswith(PREFIX) and key.endswith("." + MAGNITUDE_KEY):
+            magnitudes[key[len(PREFIX):-len(MAGNITUDE_KEY) - 1]] = t
+            continue
         suffix = next((s for s in LORA_KEYS if key.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise AdapterRefused(f"{where}: tensor {key!r} is not a LoRA A/B of a linear layer; only those are "
@@ -125,7 +148,10 @@ def lora_modules(tensors: dict[str, Tensor], where: object) -> dict[str, tuple[T
         if len(pair) != 2:
             raise AdapterFileError(f"{where}: module {name!r} has {list(pair)} but not both of {list(LORA_KEYS)}")
         out[name] = (pair[LORA_KEYS[0]], pair[LORA_KEYS[1]])
-    return out
+    stray = sorted(set(magnitudes) - set(out))
+    if stray:
+        raise AdapterFileError(f"{where}: module {stray[0]!r} has a {MAGNITUDE_KEY} but no lora_A/lora_B")
+    return out, magnitudes
 
 
 def check_base(saved: fingerprint.Fingerprint, model: nn.Module, bases: dict[str, nn.Module], where: object) -> None:

@@ -25,7 +25,7 @@ from slimtune.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_folder
 from slimtune.files.read import read_config_json
 from slimtune.files.write import atomic_write
 from slimtune.merging import lora_scale
-from slimtune.serve.adapters import BaseMismatch, lora_modules, refuse_unbatchable
+from slimtune.serve.adapters import AdapterRefused, BaseMismatch, lora_modules, refuse_unbatchable
 from slimtune.version import __version__
 
 
@@ -88,7 +88,10 @@ def blend(parts: list[tuple[str, float]], out: str | os.PathLike, rank: int | No
     by_module: dict[str, list[tuple[Tensor, Tensor, float]]] = {}
     for (path, w), f in zip(parts, folders):
         refuse_unbatchable(f.config, f.config_path)
-        for name, (A, B) in lora_modules(f.tensors, f.weights_path).items():
+        if f.config.use_dora:  # its update m/||W0 + sBA|| (W0 + sBA) - W0 is not a sum of low-rank terms
+            raise AdapterRefused(f"{f.config_path}: use_dora=True: a DoRA update rescales the whole merged weight, "
+                                 "so it has no exact low-rank blend; blend LoRA adapters only")
+        for name, (A, B) in lora_modules(f.tensors, f.weights_path)[0].items():
             s = lora_scale(f.config.alpha_for(name), A.shape[0], f.config.use_rslora)
             by_module.setdefault(name, []).append((A.double(), B.double(), w * s))
     tensors, ranks, errors = {}, {}, {}

@@ -8,7 +8,9 @@ layer; grouping copies only the rows' activations, and the planning (sorting, pa
 per forward, not once per layer. The base matmul is shared by all rows. Adapters of different ranks are
 zero-padded to the largest rank loaded, and an adapter that does not target a layer has an all-zero slot there:
 both add exact zeros (a padded sum may round differently in the last bit, 1e-7 relative), so one batch can mix
-adapters of any ranks and target sets. Torch only: no files, no HTTP.
+adapters of any ranks and target sets. DoRA adapters share the batch too: at inference DoRA's per-output-row
+rescaling c = m / ||W0 + s B A|| is a constant of the adapter, kept per slot (1 for LoRA slots), and their rows get
+(c - 1) * (W0 x) + c * delta, PEFT's DoRA expression (exactly delta for a LoRA slot). Torch only: no files, no HTTP.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ class RowPlan:
     of the padded (G, M) layout reads (group g's rows, then its first row repeated up to M: padding positions are
     computed and never read back). scatter: (n,) long, the padded position of each row in ``used``. used: (n,)
     long rows that use an adapter, or None when all N rows do (then ``scatter`` follows rows 0..N-1).
+    row_slots: (n,) long, the slot of each row in ``used`` (for per-slot vectors such as DoRA's scale).
     """
 
     slots: Tensor
     gather: Tensor
     scatter: Tensor
     used: Tensor | None
+    row_slots: Tensor
     group: int  # M: rows per group after padding
     top_slot: int  # the largest slot used
 
@@ -61,7 +65,7 @@ class RowPlan:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         return cls(long(slots), long(gather), long([where[n] for n in used]),
-                   None if len(used) == len(rows) else long(used), m, slots[-1])
+                   None if len(used) == len(rows) else long(used), long([rows[n] for n in used]), m, slots[-1])
 
 
 def grouped_lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: RowPlan) -> Tensor:
@@ -100,8 +104,9 @@ class RowAdapters:
 class MultiLoraLinear(nn.Module):
     """Wraps a Linear-like ``base_layer``; y = base(x) + s_k (x A_k^T) B_k^T with k the row's slot.
 
-    Buffers: A (S, R, d_in), B (S, d_out, R), scale (S,) in float32 (or ``dtype``). Slots are set and cleared by
-    the owning model (``set_slot`` / ``clear_slot``), which never changes them while a forward runs.
+    Buffers: A (S, R, d_in), B (S, d_out, R), scale (S,) in float32 (or ``dtype``); once a DoRA adapter is set,
+    also C (S, d_out), DoRA's per-row rescaling (ones for LoRA slots). Slots are set and cleared by the owning
+    model (``set_slot`` / ``clear_slot``), which never changes them while a forward runs.
     """
 
     def __init__(self, base_layer: nn.Module, state: RowAdapters, dtype: torch.dtype = torch.float32) -> None:
@@ -113,6 +118,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("A", torch.zeros(0, 0, d_in, dtype=dtype, device=device), persistent=False)
         self.register_buffer("B", torch.zeros(0, d_out, 0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("scale", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("C", None, persistent=False)  # (S, d_out) DoRA column scales; None until one is set
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -122,15 +128,28 @@ class MultiLoraLinear(nn.Module):
         if plan.top_slot >= self.A.shape[0]:  # slots this layer never held: zero slots (the base), grown once
             self._grow(plan.top_slot + 1, self.A.shape[1])
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, d_in)
-        delta = grouped_lora_delta(x3, self.A, self.B, self.scale, plan).to(out.dtype)
+        delta = grouped_lora_delta(x3, self.A, self.B, self.scale, plan)  # (n, T, d_out)
+        out3 = out.reshape(out.shape[0], -1, out.shape[-1])  # a fresh tensor of base_layer: safe to add into
+        if self.C is not None:
+            delta = self._dora(delta, out3 if plan.used is None else out3.index_select(0, plan.used), plan)
+        delta = delta.to(out.dtype)
         if plan.used is None:
             return out + delta.reshape(out.shape)
-        out3 = out.reshape(out.shape[0], -1, out.shape[-1])  # a fresh tensor of base_layer: safe to add into
         out3.index_add_(0, plan.used, delta)
         return out3.reshape(out.shape)
 
-    def set_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:
-        """Put one adapter's A (r, d_in), B (d_out, r) and scale in ``slot``, growing slots and rank as needed."""
+    def _dora(self, delta: Tensor, base_rows: Tensor, plan: RowPlan) -> Tensor:
+        """(c - 1) * (W0 x) + c * delta for the used rows; base_rows (n, T, d_out) = base(x) with its bias."""
+        c = self.C.index_select(0, plan.row_slots)[:, None, :]  # (n, 1, d_out)
+        w0x = base_rows.to(c.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:  # DoRA rescales W0 x only; the bias is added once, unscaled
+            w0x = w0x - bias.to(c.dtype)
+        return (c - 1) * w0x + c * delta
+
+    def set_slot(self, slot: int, A: Tensor, B: Tensor, scale: float, column_scale: Tensor | None = None) -> None:
+        """Put one adapter's A (r, d_in), B (d_out, r) and scale in ``slot``, growing slots and rank as needed;
+        ``column_scale`` (d_out,): DoRA's m / ||W0 + s B A|| (None for LoRA: ones)."""
         r = A.shape[0]
         S, R = max(self.A.shape[0], slot + 1), max(self.A.shape[1], r)
         if (S, R) != tuple(self.A.shape[:2]):
@@ -141,6 +160,10 @@ class MultiLoraLinear(nn.Module):
             self.A[slot, :r] = A.to(self.A)
             self.B[slot, :, :r] = B.to(self.B)
             self.scale[slot] = scale
+            if column_scale is not None and self.C is None:
+                self.C = self.B.new_ones(self.A.shape[0], self.B.shape[1])
+            if self.C is not None:
+                self.C[slot] = 1.0 if column_scale is None else column_scale.to(self.C)
 
     def clear_slot(self, slot: int) -> None:
         """Zero ``slot`` (its adapter was unloaded): rows pointing at it get the base output."""
@@ -149,6 +172,8 @@ class MultiLoraLinear(nn.Module):
                 self.A[slot].zero_()
                 self.B[slot].zero_()
                 self.scale[slot] = 0.0
+                if self.C is not None:
+                    self.C[slot] = 1.0
 
     def _grow(self, S: int, R: int) -> None:
         """New zero buffers of S slots and rank R holding the old ones (the padding adds zeros)."""
@@ -158,6 +183,10 @@ class MultiLoraLinear(nn.Module):
         scale = self.scale.new_zeros(S)
         A[:old_s, :old_r], B[:old_s, :, :old_r], scale[:old_s] = self.A, self.B, self.scale
         self.A, self.B, self.scale = A, B, scale
+        if self.C is not None:
+            C = self.C.new_ones(S, self.C.shape[1])
+            C[:old_s] = self.C
+            self.C = C
 
     def extra_repr(self) -> str:
         return f"slots={self.A.shape[0]}, max_rank={self.A.shape[1]}"

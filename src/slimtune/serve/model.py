@@ -72,7 +72,7 @@ class MultiAdapterModel:
                 raise ValueError(f"name={name!r}: an adapter of that name is already loaded; unload it first")
             slot = next(i for i in range(len(self.slots) + 1) if i not in self.slots.values())
             for module, w in adapter.modules.items():
-                self._wrapper(module).set_slot(slot, w.A, w.B, w.scale)
+                self._wrapper(module).set_slot(slot, w.A, w.B, w.scale, w.column_scale)
             self.slots[name], self.adapters[name] = slot, adapter
         return adapter
 

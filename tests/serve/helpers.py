@@ -36,6 +36,18 @@ def peft_adapter(base, folder: Path, seed: int, std: float = 0.2, **lora) -> Pat
     return folder
 
 
+def bottleneck_adapter(base, folder: Path, seed: int, std: float = 0.3, **cfg) -> Path:
+    """A slimtune bottleneck adapter (``cfg`` -> BottleneckConfig) with random weights, saved."""
+    from slimtune.config import BottleneckConfig
+    from slimtune.files import save_adapter
+    from slimtune.injection import inject
+
+    model = copy.deepcopy(base)
+    inject(model, BottleneckConfig(**cfg))
+    randomize_adapters(model, std=std, seed=seed)
+    return save_adapter(model, folder)
+
+
 def merged_oracle(base, folder: Path):
     """PEFT's PeftModel.from_pretrained on a copy of ``base``, merged: the reference for one adapter."""
     from peft import PeftModel
@@ -64,3 +76,26 @@ def tiny_vocab_llama(seed: int = 0, layers: int = 2):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=2, bos_token_id=1, pad_token_id=2)
     return LlamaForCausalLM(cfg).eval()
+
+
+def bottleneck_oracle(base, folder):
+    """The maths, not slimtune's layer: ``base`` with forward hooks adding s * up(act(down(h))) to each adapted
+    layer's output h, from the file's own tensors and config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())["slimtune_config"]
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh,
+           "silu": torch.nn.functional.silu}[cfg["nonlinearity"]]
+    t = load_file(folder / "adapter_model.safetensors")
+    model = copy.deepcopy(base)
+    for key in [k for k in t if k.endswith("adapter_down.weight")]:
+        name = key[len("base_model.model."):-len(".adapter_down.weight")]
+        p = key[:-len("adapter_down.weight")]
+
+        def hook(module, args, h, p=p):
+            z = act(torch.nn.functional.linear(h, t[p + "adapter_down.weight"], t[p + "adapter_down.bias"]))
+            return h + cfg["scale"] * torch.nn.functional.linear(z, t[p + "adapter_up.weight"], t[p + "adapter_up.bias"])
+        model.get_submodule(name).register_forward_hook(hook)
+    return model

@@ -17,7 +17,8 @@ from slimtune.serve.app import create_app
 from slimtune.serve.model import MultiAdapterModel
 from slimtune.serve.registry import AdapterBusy, AdapterRegistry
 from slimtune.train.model import load_tokenizer
-from tests.serve.helpers import merged_oracle, peft_adapter, slimtune_adapter, tiny_vocab_llama
+from tests.serve.helpers import (bottleneck_adapter, bottleneck_oracle, merged_oracle, peft_adapter, slimtune_adapter,
+                                 tiny_vocab_llama)
 from tests.serve.server import get, post, running
 
 BASE = "tiny-base"
@@ -37,6 +38,7 @@ def world(tmp_path_factory):
     extra = {
         "hot": slimtune_adapter(base, adapters / "extra" / "hot", 4, r=4, target_modules=("o_proj",)),
         "dora": slimtune_adapter(base, adapters / "extra" / "dora", 5, r=4, use_dora=True),
+        "bneck": bottleneck_adapter(base, adapters / "extra" / "bneck", 9, size=4),
         "mts": slimtune_adapter(base, adapters / "extra" / "mts", 8, r=4, modules_to_save=("lm_head",)),
         "other": slimtune_adapter(tiny_vocab_llama(seed=7), adapters / "extra" / "other", 6, r=4),
         "outside": slimtune_adapter(base, root / "outside" / "evil", 7, r=4),
@@ -150,14 +152,15 @@ def test_n_seed_stop_and_usage(client):
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("name", ["hot", "dora"])  # a LoRA, and a DoRA (served batched too)
+@pytest.mark.parametrize("name", ["hot", "dora", "bneck"])  # LoRA, DoRA and bottleneck: all served batched
 def test_hot_load_and_unload(client, server, world, name):
     base, tok, _, _, extra = world
     status, body = post(server + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": f"extra/{name}"})
     assert status == 200, body
     assert name in {m.id for m in client.models.list().data}
     r = client.completions.create(model=name, prompt="Hi there", max_tokens=6, temperature=0)
-    assert r.choices[0].text == greedy_text(merged_oracle(base, extra[name]), tok, "Hi there", 6)
+    oracle = bottleneck_oracle(base, extra[name]) if name == "bneck" else merged_oracle(base, extra[name])
+    assert r.choices[0].text == greedy_text(oracle, tok, "Hi there", 6)
     assert post(server + "/v1/unload_lora_adapter", {"lora_name": name})[0] == 200
     with pytest.raises(openai.NotFoundError, match=f"'{name}'"):
         client.completions.create(model=name, prompt="Hi", max_tokens=2)

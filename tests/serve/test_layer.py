@@ -10,7 +10,7 @@ import torch
 from slimtune.serve import MultiAdapterModel
 from slimtune.serve.layer import NO_ADAPTER, RowPlan, grouped_lora_delta
 from tests.conftest import tokens
-from tests.serve.helpers import merged_oracle, three_adapters
+from tests.serve.helpers import bottleneck_adapter, bottleneck_oracle, merged_oracle, three_adapters
 
 
 @pytest.mark.parametrize("rows", [[2, 0, 2, 1], [1, 1, 1, 1], [NO_ADAPTER, 2, NO_ADAPTER, 2, 0, 2]],
@@ -128,3 +128,36 @@ def test_dora_rows_share_the_batch_and_equal_peft_merged_each(tmp_path, build):
     with torch.no_grad():
         want = merged_oracle(base, folders["lora8"])(ids[:1]).logits[0]
     torch.testing.assert_close(served.forward(ids[:2], ["again", "pdora2"]).logits[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_bottleneck_rows_share_the_batch_and_equal_the_formula_each(tmp_path):
+    """Bottleneck adapters (sizes 4 and 6, relu and gelu, attention+mlp or mlp only) beside LoRA, DoRA and base
+    rows: each row equals h + s up(act(down(h))) applied alone (forward hooks on the plain base)."""
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    folders = {"b4": bottleneck_adapter(base, tmp_path / "b4", 10, size=4, scale=0.5),
+               "b6": bottleneck_adapter(base, tmp_path / "b6", 11, size=6, nonlinearity="gelu", positions=("mlp",))}
+    _, more = dora_world(tmp_path / "more", lambda: base)
+    folders |= {"dora4": more["dora4"], "lora8": more["lora8"]}
+    served = MultiAdapterModel(copy.deepcopy(base))
+    for name, folder in folders.items():
+        served.load(name, folder)
+    names = ["b4", "lora8", "b6", None, "dora4", "b4", "b6"]
+    ids = tokens(len(names), 9)
+    got = served.forward(ids, names).logits
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            if name is None:
+                oracle = base
+            elif name.startswith("b"):
+                oracle = bottleneck_oracle(base, folders[name])
+            else:
+                oracle = merged_oracle(base, folders[name])
+            torch.testing.assert_close(got[i], oracle(ids[i:i + 1]).logits[0], rtol=1e-5, atol=1e-5)
+            if name is not None:
+                assert (got[i] - base(ids[i:i + 1]).logits[0]).abs().max() > 1e-2
+    served.unload("b4")
+    with torch.no_grad():
+        want = bottleneck_oracle(base, folders["b6"])(ids[2:3]).logits[0]
+    torch.testing.assert_close(served.forward(ids[:3], [None, None, "b6"]).logits[2], want, rtol=1e-5, atol=1e-5)

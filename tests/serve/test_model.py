@@ -47,11 +47,13 @@ def test_a_dora_file_without_its_magnitudes_is_a_named_error(base, tmp_path):
             "lora_magnitude_vector of shape \\(32,\\), found None")
 
 
-def test_bottleneck_and_embedding_lora_are_refused(base, tmp_path):
+def test_embedding_lora_prompt_tuning_and_modules_to_save_are_refused(base, tmp_path):
+    from slimtune.config import PromptTuningConfig
+    from slimtune.methods import prepare
+
     model = copy.deepcopy(base)
-    inject(model, BottleneckConfig(size=4))
-    randomize_adapters(model)
-    refused(base, save_adapter(model, tmp_path / "b"), AdapterRefused, "a bottleneck adapter is not a low-rank")
+    prepare(model, PromptTuningConfig(num_virtual_tokens=3))
+    refused(base, save_adapter(model, tmp_path / "pt"), AdapterRefused, "prompt tuning prepends virtual tokens")
     emb = peft_adapter(base, tmp_path / "e", 1, r=4, target_modules=["embed_tokens", "q_proj"])
     refused(base, emb, AdapterRefused, "embed_tokens.* is not a LoRA A/B of a linear layer")
     refused(base, slimtune_adapter(base, tmp_path / "m", 1, r=4, modules_to_save=("lm_head",)), AdapterRefused,

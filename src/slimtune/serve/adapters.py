@@ -8,9 +8,10 @@ y += s (x A^T) B^T of Linear-like layers, or DoRA's form of it; everything else 
 - DoRA is served, batched: at inference its per-row rescaling c = m / ||W0 + s B A|| (d_out,) is a constant,
   computed here once from the served base's weight, and the layer adds (c - 1) * (W0 x) + c * s B A x, the
   same expression PEFT's DoRA layer computes.
-- Bottleneck adapters add a non-linear module after a layer, prompt tuning prepends virtual tokens (changing
-  every row's length), ``modules_to_save`` replaces whole modules per adapter, and trained biases replace the
-  base's bias: none is a per-row low-rank term.
+- Bottleneck adapters are served, batched: h + s up(act(down(h))) on a layer's output is a per-row function of
+  that row's own output (serve.bottleneck).
+- Prompt tuning prepends virtual tokens (changing every row's length), ``modules_to_save`` replaces whole modules
+  per adapter, and trained biases replace the base's bias: none is a per-row term of a shared layer.
 - PiSSA/OLoRA files are relative to a *rewritten* base (W0 - s B0 A0), which a shared base cannot be.
 A base-model fingerprint that does not match, or an adapter trained on an NF4 base served on a float base (or
 back), is ``BaseMismatch``.
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune import fingerprint
-from slimtune.config import LoraConfig
+from slimtune.config import BottleneckConfig, LoraConfig
 from slimtune.files import PREFIX, AdapterFileError, read_folder
 from slimtune.injection import is_linear_like
 from slimtune.layers.dora import dense_weight
@@ -34,6 +35,7 @@ from slimtune.serve.layer import MultiLoraLinear, linear_dims
 
 LORA_KEYS = ("lora_A.weight", "lora_B.weight")
 MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m (d_out,), as PEFT and slimtune write it
+BOTTLENECK_KEYS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
 
 
 class AdapterRefused(ValueError):
@@ -56,16 +58,25 @@ class LoraWeights:
 
 
 @dataclass(frozen=True)
+class BottleneckWeights:
+    """One layer's bottleneck adapter: down (m, d) + down_bias (m,), up (d, m) + up_bias (d,), scale s, the
+    nonlinearity's name."""
+
+    down: Tensor
+    down_bias: Tensor
+    up: Tensor
+    up_bias: Tensor
+    scale: float
+    nonlinearity: str
+
+
+@dataclass(frozen=True)
 class ServableAdapter:
-    """A validated adapter: module name (as in the base model) -> its LoRA weights."""
+    """A validated adapter: module name (as in the base model) -> its LoRA / DoRA or bottleneck weights."""
 
     path: str
-    config: LoraConfig
-    modules: dict[str, LoraWeights]
-
-    @property
-    def max_rank(self) -> int:
-        return max(w.A.shape[0] for w in self.modules.values())
+    config: LoraConfig | BottleneckConfig
+    modules: dict[str, LoraWeights | BottleneckWeights]
 
 
 def read_servable(path: str | os.PathLike, model: nn.Module, bases: dict[str, nn.Module]) -> ServableAdapter:
@@ -75,6 +86,11 @@ def read_servable(path: str | os.PathLike, model: nn.Module, bases: dict[str, nn
     folder = read_folder(path)
     config = folder.config
     refuse_unbatchable(config, folder.config_path)
+    if isinstance(config, BottleneckConfig):
+        weights = bottleneck_modules(folder.tensors, config, bases, folder.weights_path)
+        if folder.fingerprint is not None:
+            check_base(folder.fingerprint, model, {n: bases[n] for n in weights}, folder.weights_path)
+        return ServableAdapter(str(path), config, weights)
     modules, magnitudes = lora_modules(folder.tensors, folder.weights_path)
     weights = {}
     for name, (A, B) in modules.items():
@@ -108,12 +124,49 @@ def dora_column_scale(m: Tensor | None, base: nn.Module, A: Tensor, B: Tensor, s
         return m.float() / dora_norm(W0.float(), A.float(), B.float(), scale)
 
 
+def bottleneck_modules(tensors: dict[str, Tensor], config: BottleneckConfig, bases: dict[str, nn.Module],
+                       where: object) -> dict[str, BottleneckWeights]:
+    """Module name -> BottleneckWeights from keys ``base_model.model.<module>.adapter_{down,up}.{weight,bias}``.
+    AdapterRefused for another tensor or a module that is not a Linear-like layer here; AdapterFileError for a
+    missing part or a shape that does not fit the layer."""
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        suffix = next((s for s in BOTTLENECK_KEYS if key.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise AdapterRefused(f"{where}: tensor {key!r} is not part of a bottleneck adapter")
+        found.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[suffix] = t
+    if not found:
+        raise AdapterFileError(f"{where}: holds no bottleneck tensors")
+    out = {}
+    for name, parts in found.items():
+        if name not in bases:
+            raise AdapterRefused(f"{where}: module {name!r} is not a Linear-like layer of this model")
+        missing = [k for k in BOTTLENECK_KEYS if k not in parts]
+        if missing:
+            raise AdapterFileError(f"{where}: module {name!r} lacks {missing}")
+        d = linear_dims(bases[name])[1]
+        dw, db, uw, ub = (parts[k] for k in BOTTLENECK_KEYS)
+        m = dw.shape[0]
+        if dw.shape != (m, d) or db.shape != (m,) or uw.shape != (d, m) or ub.shape != (d,):
+            raise AdapterFileError(f"{where}: module {name!r}: adapter_down {tuple(dw.shape)} + {tuple(db.shape)}, "
+                                   f"adapter_up {tuple(uw.shape)} + {tuple(ub.shape)} do not fit its output width {d}")
+        out[name] = BottleneckWeights(dw.float(), db.float(), uw.float(), ub.float(), config.scale,
+                                      config.nonlinearity)
+    return out
+
+
 def refuse_unbatchable(config: object, where: object) -> None:
     """AdapterRefused naming what makes ``config`` unservable in a mixed batch (see the module docstring)."""
+    if isinstance(config, BottleneckConfig):
+        if config.modules_to_save:
+            raise AdapterRefused(f"{where}: cannot be served in a mixed batch: modules_to_save="
+                                 f"{list(config.modules_to_save)} (whole modules replaced per adapter)")
+        return
     if not isinstance(config, LoraConfig):
         method = getattr(config, "method", type(config).__name__)
-        raise AdapterRefused(f"{where}: a {method} adapter is not a low-rank update of linear layers, so it cannot "
-                             "share a batch with others; only LoRA adapters are served")
+        raise AdapterRefused(f"{where}: a {method} adapter changes the input rather than a layer's output (prompt "
+                             "tuning prepends virtual tokens), so it cannot share a batch with others; LoRA, DoRA "
+                             "and bottleneck adapters are served")
     reasons = []
     if config.init in ("pissa", "olora"):
         reasons.append(f"init={config.init!r} (the file is relative to a rewritten base weight)")

@@ -88,6 +88,9 @@ def blend(parts: list[tuple[str, float]], out: str | os.PathLike, rank: int | No
     by_module: dict[str, list[tuple[Tensor, Tensor, float]]] = {}
     for (path, w), f in zip(parts, folders):
         refuse_unbatchable(f.config, f.config_path)
+        if not isinstance(f.config, LoraConfig):
+            raise AdapterRefused(f"{f.config_path}: a {f.config.method} adapter is not a weight update; blend LoRA "
+                                 "adapters only")
         if f.config.use_dora:  # its update m/||W0 + sBA|| (W0 + sBA) - W0 is not a sum of low-rank terms
             raise AdapterRefused(f"{f.config_path}: use_dora=True: a DoRA update rescales the whole merged weight, "
                                  "so it has no exact low-rank blend; blend LoRA adapters only")

@@ -41,6 +41,7 @@ class RowPlan:
     scatter: Tensor
     used: Tensor | None
     row_slots: Tensor
+    slot_ids: tuple[int, ...]  # ``slots`` as Python ints
     group: int  # M: rows per group after padding
     top_slot: int  # the largest slot used
 
@@ -65,7 +66,8 @@ class RowPlan:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         return cls(long(slots), long(gather), long([where[n] for n in used]),
-                   None if len(used) == len(rows) else long(used), long([rows[n] for n in used]), m, slots[-1])
+                   None if len(used) == len(rows) else long(used), long([rows[n] for n in used]), tuple(slots), m,
+                   slots[-1])
 
 
 def grouped_lora_delta(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: RowPlan) -> Tensor:
@@ -119,24 +121,39 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("B", torch.zeros(0, d_out, 0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("scale", torch.zeros(0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("C", None, persistent=False)  # (S, d_out) DoRA column scales; None until one is set
+        self.bottleneck: nn.Module | None = None  # serve.bottleneck.BottleneckSlots once one is set
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         plan = self.state.plan
-        if plan is None or self.A.shape[1] == 0:
+        if plan is None or (self.A.shape[1] == 0 and self.bottleneck is None):
             return out
-        if plan.top_slot >= self.A.shape[0]:  # slots this layer never held: zero slots (the base), grown once
-            self._grow(plan.top_slot + 1, self.A.shape[1])
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, d_in)
-        delta = grouped_lora_delta(x3, self.A, self.B, self.scale, plan)  # (n, T, d_out)
-        out3 = out.reshape(out.shape[0], -1, out.shape[-1])  # a fresh tensor of base_layer: safe to add into
-        if self.C is not None:
-            delta = self._dora(delta, out3 if plan.used is None else out3.index_select(0, plan.used), plan)
+        out3 = out.reshape(out.shape[0], -1, out.shape[-1])  # (N, T, d_out), a fresh tensor of base_layer
+        delta = None
+        if self.A.shape[1] > 0:
+            if plan.top_slot >= self.A.shape[0]:  # slots this layer never held: zero slots (the base), grown once
+                self._grow(plan.top_slot + 1, self.A.shape[1])
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, d_in)
+            delta = grouped_lora_delta(x3, self.A, self.B, self.scale, plan)  # (n, T, d_out)
+            if self.C is not None:
+                delta = self._dora(delta, out3 if plan.used is None else out3.index_select(0, plan.used), plan)
+        if self.bottleneck is not None:  # on the base output h, before any LoRA term (a row has one adapter)
+            more = self.bottleneck.delta(out3, plan)
+            delta = more if delta is None else delta + more
         delta = delta.to(out.dtype)
         if plan.used is None:
             return out + delta.reshape(out.shape)
         out3.index_add_(0, plan.used, delta)
         return out3.reshape(out.shape)
+
+    def set_bottleneck(self, slot: int, down: Tensor, down_bias: Tensor, up: Tensor, up_bias: Tensor, scale: float,
+                       nonlinearity: str) -> None:
+        """Put a bottleneck adapter (on this layer's output) in ``slot``; see serve.bottleneck."""
+        from slimtune.serve.bottleneck import BottleneckSlots
+
+        if self.bottleneck is None:
+            self.bottleneck = BottleneckSlots(self.B.shape[1], self.B.device)
+        self.bottleneck.set_slot(slot, down, down_bias, up, up_bias, scale, nonlinearity)
 
     def _dora(self, delta: Tensor, base_rows: Tensor, plan: RowPlan) -> Tensor:
         """(c - 1) * (W0 x) + c * delta for the used rows; base_rows (n, T, d_out) = base(x) with its bias."""
@@ -167,6 +184,8 @@ class MultiLoraLinear(nn.Module):
 
     def clear_slot(self, slot: int) -> None:
         """Zero ``slot`` (its adapter was unloaded): rows pointing at it get the base output."""
+        if self.bottleneck is not None:
+            self.bottleneck.clear_slot(slot)
         if slot < self.A.shape[0]:
             with torch.no_grad():
                 self.A[slot].zero_()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.modules import set_submodule
-from slimtune.serve.adapters import ServableAdapter, linear_layers, read_servable
+from slimtune.serve.adapters import BottleneckWeights, ServableAdapter, linear_layers, read_servable
 from slimtune.serve.layer import NO_ADAPTER, MultiLoraLinear, RowAdapters, RowPlan
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -72,7 +72,11 @@ class MultiAdapterModel:
                 raise ValueError(f"name={name!r}: an adapter of that name is already loaded; unload it first")
             slot = next(i for i in range(len(self.slots) + 1) if i not in self.slots.values())
             for module, w in adapter.modules.items():
-                self._wrapper(module).set_slot(slot, w.A, w.B, w.scale, w.column_scale)
+                if isinstance(w, BottleneckWeights):
+                    self._wrapper(module).set_bottleneck(slot, w.down, w.down_bias, w.up, w.up_bias, w.scale,
+                                                         w.nonlinearity)
+                else:
+                    self._wrapper(module).set_slot(slot, w.A, w.B, w.scale, w.column_scale)
             self.slots[name], self.adapters[name] = slot, adapter
         return adapter
 

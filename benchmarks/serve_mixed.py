@@ -6,7 +6,10 @@ Same run, same base, same 8 LoRA adapters (r=8 on q,k,v,o; random weights), same
 2. the same mixed batch generating NEW greedy tokens per row end to end: slimtune's ``MultiAdapterModel.generate``
    (its continuous-batching engine) vs PEFT's ``generate(adapter_names=...)``; the tokens are checked equal;
 3. one adapter for every row, unmerged (slimtune) vs the plain base: latency ratio (target <= 1.3x); merged into
-   the weights (PEFT merge_and_unload) vs the base: the same matmuls, 1.0x.
+   the weights (PEFT merge_and_unload) vs the base: the same matmuls, 1.0x;
+4. the ceiling: the plain base's decode step against PEFT's mixed one (what a free LoRA term would give);
+5. 32 adapters x 1 row (PEFT loops over the adapters present in every layer) and 8 DoRA adapters x 4 rows
+   (PEFT's ``adapter_names=`` refuses DoRA: slimtune against its own LoRA batch).
 Rows are interleaved (a0, a1, ..., a7, a0, ...), the order requests arrive in, not sorted by adapter.
 Outputs are checked equal (1e-4) before timing. Run under the heavy lock:
     flock /work/wt/notes/heavy.lock env PYTHONPATH=src python benchmarks/serve_mixed.py
@@ -30,21 +33,45 @@ ADAPTERS, ROWS_EACH, PREFILL, REPS, NEW = 8, 4, 16, 5, 32
 OUT = Path(__file__).parent / "results" / "serve_mixed.md"
 
 
-def make_adapters(base, root: Path) -> list[Path]:
+def make_adapters(base, root: Path, count: int = ADAPTERS, use_dora: bool = False) -> list[Path]:
     from peft import LoraConfig, get_peft_model
 
     folders = []
-    for i in range(ADAPTERS):
+    for i in range(count):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj"]))
+            "q_proj", "k_proj", "v_proj", "o_proj"], use_dora=use_dora))
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if "lora_" in n:
+                if "lora_A" in n or "lora_B" in n:  # DoRA's magnitudes keep their ||W0 + sBA|| start
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         model.save_pretrained(root / f"a{i}")
+        del model
         folders.append(root / f"a{i}")
     return folders
+
+
+def loaded(base, folders: list[Path]):
+    """(slimtune MultiAdapterModel, PEFT model) with ``folders`` loaded as a0, a1, ..."""
+    from peft import PeftModel
+
+    from slimtune.serve import MultiAdapterModel
+
+    served = MultiAdapterModel(copy.deepcopy(base))
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(folders[0]), adapter_name="a0")
+    for i, f in enumerate(folders):
+        served.load(f"a{i}", f)
+        if i:
+            peft.load_adapter(str(f), adapter_name=f"a{i}")
+    return served, peft.eval()
+
+
+def decode_pair(served, peft, ids: torch.Tensor, names: list[str]) -> tuple[float, float]:
+    """Decode-step seconds (slimtune, PEFT) for rows ``names``; the prefill logits checked equal first."""
+    ours = prefill_and_decode(lambda x, c: served.forward(x, names, cache=c, use_cache=True), ids)
+    theirs = prefill_and_decode(lambda x, c: peft(input_ids=x, adapter_names=names, cache=c, use_cache=True), ids)
+    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-4, atol=1e-4)
+    return ours[1], theirs[1]
 
 
 def timed(fn, reps: int = REPS) -> float:
@@ -94,7 +121,6 @@ def main() -> None:
     from peft import PeftModel
 
     from slimtune.assets import load_smollm2
-    from slimtune.serve import MultiAdapterModel
 
     torch.set_num_threads(2)
     base, _ = load_smollm2()
@@ -102,14 +128,14 @@ def main() -> None:
     names = [f"a{i % ADAPTERS}" for i in range(ADAPTERS * ROWS_EACH)]
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(base, Path(tmp))
-        served = MultiAdapterModel(copy.deepcopy(base))
-        for name, f in zip(names[:ADAPTERS], folders):
-            served.load(name, f)
-        peft = PeftModel.from_pretrained(copy.deepcopy(base), str(folders[0]), adapter_name="a0")
-        for i, f in enumerate(folders[1:], 1):
-            peft.load_adapter(str(f), adapter_name=f"a{i}")
-        peft.eval()
+        served, peft = loaded(base, folders)
         merged = PeftModel.from_pretrained(copy.deepcopy(base), str(folders[0])).merge_and_unload().eval()
+        wide_served, wide_peft = loaded(base, make_adapters(base, Path(tmp) / "wide", len(names)))
+        wide = decode_pair(wide_served, wide_peft, ids, [f"a{i}" for i in range(len(names))])
+        del wide_served, wide_peft
+        dora_served, _ = loaded(base, make_adapters(base, Path(tmp) / "dora", ADAPTERS, use_dora=True))
+        dora = prefill_and_decode(lambda x, c: dora_served.forward(x, names, cache=c, use_cache=True), ids)
+        del dora_served
 
     ours = prefill_and_decode(lambda x, c: served.forward(x, names[:x.shape[0]], cache=c, use_cache=True), ids)
     theirs = prefill_and_decode(lambda x, c: peft(input_ids=x, adapter_names=names[:x.shape[0]], cache=c,
@@ -139,7 +165,14 @@ def main() -> None:
         f"| one adapter unmerged vs base, decode latency (s) | {single[1]:.4f} | base {plain[1]:.4f} | "
         f"{single[1] / plain[1]:.2f}x |",
         f"| merged (PEFT merge_and_unload) vs base, decode latency (s) | {fused[1]:.4f} | base {plain[1]:.4f} | "
-        f"{fused[1] / plain[1]:.2f}x |", "",
+        f"{fused[1] / plain[1]:.2f}x |",
+        f"| ceiling: the plain base's decode step vs PEFT's mixed one (tokens/s) | base {rows / plain[1]:.0f} | "
+        f"PEFT {rows / theirs[1]:.0f} | {theirs[1] / plain[1]:.2f}x |",
+        f"| {rows} adapters x 1 row, decode step (tokens/s) | {rows / wide[0]:.0f} | PEFT {rows / wide[1]:.0f} | "
+        f"{wide[1] / wide[0]:.2f}x |",
+        f"| {ADAPTERS} DoRA adapters x {ROWS_EACH} rows, decode step (tokens/s) | {rows / dora[1]:.0f} | "
+        f"slimtune's LoRA batch {rows / ours[1]:.0f} (PEFT's adapter_names= refuses DoRA) | "
+        f"{ours[1] / dora[1]:.2f}x |", "",
         "Targets (issue 13): mixed batch >= 2x PEFT; unmerged <= 1.3x base; merged 1.0x.", "",
         f"Load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the core "
         "count, other jobs shared the CPU and the ratios are noisy: rerun on a quiet machine).",

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import slimtune
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint
-from slimtune.train.loop import LoopConfig, TrainingDiverged, train_loop, trim_metrics
+from slimtune.train.loop import LoopConfig, TrainingDiverged, train_loop
+from slimtune.train.metrics import trim_metrics
 from slimtune.train.sampler import EpochSampler
 from slimtune.train.schedule import make_scheduler
 from tests.conftest import randomize_adapters, tiny_llama

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import slimtune
-from slimtune.train.loop import LoopConfig, PlainProgress, format_duration, train_loop
+from slimtune.train.loop import LoopConfig, train_loop
+from slimtune.train.metrics import PlainProgress, format_duration
 from slimtune.train.sampler import EpochSampler
 from slimtune.train.schedule import make_scheduler
 from tests.conftest import tiny_llama

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-ADAPTERS, ROWS_EACH, PREFILL, REPS, NEW = 8, 4, 16, 5, 32
+ADAPTERS, ROWS_EACH, PREFILL, REPS, DECODE_REPS, NEW = 8, 4, 16, 5, 15, 32
 OUT = Path(__file__).parent / "results" / "serve_mixed.md"
 
 
@@ -66,38 +66,38 @@ def loaded(base, folders: list[Path]):
     return served, peft.eval()
 
 
-def decode_pair(served, peft, ids: torch.Tensor, names: list[str]) -> tuple[float, float]:
-    """Decode-step seconds (slimtune, PEFT) for rows ``names``; the prefill logits checked equal first."""
-    ours = prefill_and_decode(lambda x, c: served.forward(x, names, cache=c, use_cache=True), ids)
-    theirs = prefill_and_decode(lambda x, c: peft(input_ids=x, adapter_names=names, cache=c, use_cache=True), ids)
-    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-4, atol=1e-4)
-    return ours[1], theirs[1]
-
-
-def timed(fn, reps: int = REPS) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed_together(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each ``fn()`` over ``reps`` rounds after one warm-up each; every round runs every fn once,
+    in turn, so load from elsewhere falls on all of them alike and the ratios stay fair."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def prefill_and_decode(forward, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(prefill s, decode-step s, logits) for ``forward(input_ids, cache)``."""
+def prefill_and_decode(forward, ids: torch.Tensor) -> tuple:
+    """(prefill fn, decode-step fn, prefill logits) for ``forward(input_ids, cache)``: the decode step runs one
+    token per row on the prefilled cache and crops it back, so every call decodes the same step."""
     cache = DynamicCache()
     with torch.no_grad():
         logits = forward(ids, cache).logits
     step = ids[:, -1:]
 
+    @torch.no_grad()
     def decode():
         forward(step, cache)
-        cache.crop(-step.shape[1])  # back to the prefilled length: every rep decodes the same step
+        cache.crop(-step.shape[1])
 
-    with torch.no_grad():
-        return timed(lambda: forward(ids, DynamicCache()), 3), timed(decode), logits
+    @torch.no_grad()
+    def prefill():
+        forward(ids, DynamicCache())
+
+    return prefill, decode, logits
 
 
 def generate_both(served, peft, ids: torch.Tensor, names: list[str]) -> tuple[float, float]:
@@ -110,10 +110,11 @@ def generate_both(served, peft, ids: torch.Tensor, names: list[str]) -> tuple[fl
     for i, c in enumerate(ours):
         assert c.token_ids == theirs[i, ids.shape[1]:ids.shape[1] + len(c.token_ids)].tolist(), f"row {i} differs"
     made = sum(len(c.token_ids) for c in ours)
-    t_ours = timed(lambda: served.generate(prompts, names, max_tokens=NEW), 3)
-    t_theirs = timed(lambda: peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
-                                           max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                           pad_token_id=0), 3)
+    t = timed_together({
+        "ours": lambda: served.generate(prompts, names, max_tokens=NEW),
+        "theirs": lambda: peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
+                                        max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)}, 3)
+    t_ours, t_theirs = t["ours"], t["theirs"]
     return made / t_ours, ids.shape[0] * NEW / t_theirs
 
 
@@ -126,56 +127,61 @@ def main() -> None:
     base, _ = load_smollm2()
     ids = torch.randint(0, 49152, (ADAPTERS * ROWS_EACH, PREFILL), generator=torch.Generator().manual_seed(0))
     names = [f"a{i % ADAPTERS}" for i in range(ADAPTERS * ROWS_EACH)]
+    wide_names = [f"a{i}" for i in range(len(names))]
+    one = ["a0"] * ids.shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(base, Path(tmp))
         served, peft = loaded(base, folders)
         merged = PeftModel.from_pretrained(copy.deepcopy(base), str(folders[0])).merge_and_unload().eval()
         wide_served, wide_peft = loaded(base, make_adapters(base, Path(tmp) / "wide", len(names)))
-        wide = decode_pair(wide_served, wide_peft, ids, [f"a{i}" for i in range(len(names))])
-        del wide_served, wide_peft
         dora_served, _ = loaded(base, make_adapters(base, Path(tmp) / "dora", ADAPTERS, use_dora=True))
-        dora = prefill_and_decode(lambda x, c: dora_served.forward(x, names, cache=c, use_cache=True), ids)
-        del dora_served
-
-    ours = prefill_and_decode(lambda x, c: served.forward(x, names[:x.shape[0]], cache=c, use_cache=True), ids)
-    theirs = prefill_and_decode(lambda x, c: peft(input_ids=x, adapter_names=names[:x.shape[0]], cache=c,
-                                                  use_cache=True), ids)
-    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-4, atol=1e-4)
+    runs = {  # name: (prefill fn, decode fn, logits)
+        "ours": prefill_and_decode(lambda x, c: served.forward(x, names, cache=c, use_cache=True), ids),
+        "peft": prefill_and_decode(lambda x, c: peft(input_ids=x, adapter_names=names, cache=c, use_cache=True), ids),
+        "base": prefill_and_decode(lambda x, c: base(input_ids=x, cache=c, use_cache=True), ids),
+        "single": prefill_and_decode(lambda x, c: served.forward(x, one, cache=c, use_cache=True), ids),
+        "merged": prefill_and_decode(lambda x, c: merged(input_ids=x, cache=c, use_cache=True), ids),
+        "wide": prefill_and_decode(lambda x, c: wide_served.forward(x, wide_names, cache=c, use_cache=True), ids),
+        "wide_peft": prefill_and_decode(lambda x, c: wide_peft(input_ids=x, adapter_names=wide_names, cache=c,
+                                                               use_cache=True), ids),
+        "dora": prefill_and_decode(lambda x, c: dora_served.forward(x, names, cache=c, use_cache=True), ids),
+    }
+    torch.testing.assert_close(runs["ours"][2], runs["peft"][2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs["wide"][2], runs["wide_peft"][2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs["single"][2], runs["merged"][2], rtol=1e-3, atol=1e-3)  # 30 layers of rounding
+    pre = timed_together({k: runs[k][0] for k in ("ours", "peft", "base", "single", "merged")}, 3)
+    dec = timed_together({k: r[1] for k, r in runs.items()}, DECODE_REPS)
     gen_ours, gen_theirs = generate_both(served, peft, ids, names)
-    one = ["a0"] * ids.shape[0]
-    plain = prefill_and_decode(lambda x, c: base(input_ids=x, cache=c, use_cache=True), ids)
-    single = prefill_and_decode(lambda x, c: served.forward(x, one, cache=c, use_cache=True), ids)
-    fused = prefill_and_decode(lambda x, c: merged(input_ids=x, cache=c, use_cache=True), ids)
-    torch.testing.assert_close(single[2], fused[2], rtol=1e-3, atol=1e-3)  # merged: 30 layers of other rounding
     rows = ids.shape[0]
     lines = [
         "# serve_mixed: mixed-adapter batches, slimtune vs PEFT `adapter_names=` (same run)", "",
         f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads), {ADAPTERS} LoRA adapters r=8 on q,k,v,o, "
         f"{ADAPTERS} x {ROWS_EACH} = {rows} rows; prefill {PREFILL} tokens per row; decode: one token per row on a "
-        f"{PREFILL}-token cache. Median of {REPS} (prefill: 3). Logits checked equal first (mixed vs PEFT 1e-4; unmerged vs merged 1e-3).", "",
+        f"{PREFILL}-token cache. Logits checked equal first (mixed vs PEFT 1e-4; unmerged vs merged 1e-3).", "",
         "| workload | slimtune | peer | ratio |", "|---|---|---|---|",
-        f"| mixed batch prefill (tokens/s) | {rows * PREFILL / ours[0]:.0f} | PEFT {rows * PREFILL / theirs[0]:.0f} "
-        f"| {theirs[0] / ours[0]:.2f}x |",
-        f"| mixed batch decode step (tokens/s) | {rows / ours[1]:.0f} | PEFT {rows / theirs[1]:.0f} | "
-        f"{theirs[1] / ours[1]:.2f}x |",
+        f"| mixed batch prefill (tokens/s) | {rows * PREFILL / pre['ours']:.0f} | PEFT "
+        f"{rows * PREFILL / pre['peft']:.0f} | {pre['peft'] / pre['ours']:.2f}x |",
+        f"| mixed batch decode step (tokens/s) | {rows / dec['ours']:.0f} | PEFT {rows / dec['peft']:.0f} | "
+        f"{dec['peft'] / dec['ours']:.2f}x |",
         f"| mixed batch generate, {NEW} greedy tokens per row (tokens/s) | {gen_ours:.0f} | PEFT {gen_theirs:.0f} "
         f"| {gen_ours / gen_theirs:.2f}x |",
-        f"| one adapter unmerged vs base, prefill latency (s) | {single[0]:.3f} | base {plain[0]:.3f} | "
-        f"{single[0] / plain[0]:.2f}x |",
-        f"| one adapter unmerged vs base, decode latency (s) | {single[1]:.4f} | base {plain[1]:.4f} | "
-        f"{single[1] / plain[1]:.2f}x |",
-        f"| merged (PEFT merge_and_unload) vs base, decode latency (s) | {fused[1]:.4f} | base {plain[1]:.4f} | "
-        f"{fused[1] / plain[1]:.2f}x |",
-        f"| ceiling: the plain base's decode step vs PEFT's mixed one (tokens/s) | base {rows / plain[1]:.0f} | "
-        f"PEFT {rows / theirs[1]:.0f} | {theirs[1] / plain[1]:.2f}x |",
-        f"| {rows} adapters x 1 row, decode step (tokens/s) | {rows / wide[0]:.0f} | PEFT {rows / wide[1]:.0f} | "
-        f"{wide[1] / wide[0]:.2f}x |",
-        f"| {ADAPTERS} DoRA adapters x {ROWS_EACH} rows, decode step (tokens/s) | {rows / dora[1]:.0f} | "
-        f"slimtune's LoRA batch {rows / ours[1]:.0f} (PEFT's adapter_names= refuses DoRA) | "
-        f"{ours[1] / dora[1]:.2f}x |", "",
+        f"| one adapter unmerged vs base, prefill latency (s) | {pre['single']:.3f} | base {pre['base']:.3f} | "
+        f"{pre['single'] / pre['base']:.2f}x |",
+        f"| one adapter unmerged vs base, decode latency (s) | {dec['single']:.4f} | base {dec['base']:.4f} | "
+        f"{dec['single'] / dec['base']:.2f}x |",
+        f"| merged (PEFT merge_and_unload) vs base, decode latency (s) | {dec['merged']:.4f} | base "
+        f"{dec['base']:.4f} | {dec['merged'] / dec['base']:.2f}x |",
+        f"| ceiling: the plain base's decode step vs PEFT's mixed one (tokens/s) | base {rows / dec['base']:.0f} | "
+        f"PEFT {rows / dec['peft']:.0f} | {dec['peft'] / dec['base']:.2f}x |",
+        f"| {rows} adapters x 1 row, decode step (tokens/s) | {rows / dec['wide']:.0f} | PEFT "
+        f"{rows / dec['wide_peft']:.0f} | {dec['wide_peft'] / dec['wide']:.2f}x |",
+        f"| {ADAPTERS} DoRA adapters x {ROWS_EACH} rows, decode step (tokens/s) | {rows / dec['dora']:.0f} | "
+        f"slimtune's LoRA batch {rows / dec['ours']:.0f} (PEFT's adapter_names= refuses DoRA) | "
+        f"{dec['ours'] / dec['dora']:.2f}x |", "",
         "Targets (issue 13): mixed batch >= 2x PEFT; unmerged <= 1.3x base; merged 1.0x.", "",
-        f"Load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the core "
-        "count, other jobs shared the CPU and the ratios are noisy: rerun on a quiet machine).",
+        f"Every variant is timed in the same rounds, in turn (decode: median of {DECODE_REPS} rounds; prefill: 3), so "
+        f"load from elsewhere falls on all alike. Load average at the end: {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores (this benchmark's own 2 threads count as 2).",
     ]
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")

@@ -114,12 +114,15 @@ def test_cli_trains_on_a_pipeline_folder_and_the_pipeline_loads_the_adapter(pipe
     proc = cli(cfg, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("longer than the tokenizer's 24 tokens") == 1, proc.stdout  # said once, not an error
-    assert "2 caption(s)" not in proc.stdout and "1 caption(s)" in proc.stdout  # LONG twice: one distinct caption
+    assert "note: 1 caption(s) are longer" in proc.stdout  # LONG twice: one distinct caption, counted once
+    assert "latents (4, 8, 8)" in proc.stdout  # 16x16 images through the VAE's 2x down-sampling
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-    assert records[-1]["event"] == "summary" and 0 <= records[-1]["after"]["copy_fraction"] <= 1
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["after"]["noise_loss"] < summary["before"]["noise_loss"]
+    assert 0 <= summary["after"]["copy_fraction"] <= 1
     assert (out / "samples.png").is_file() and (out / "checkpoints" / "step-6").is_dir()
     file = out / "adapter" / "pytorch_lora_weights.safetensors"
     assert all(k.startswith("unet.") for k in load_file(str(file)))
@@ -222,7 +225,7 @@ def test_bin_only_weights_are_refused_by_name(pipe_dir, image_dir, tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"data": {"resolution": 15}}, r"data.resolution=15: must be a multiple of 2, the down-sampling of the VAE"),
-    ({"data": {"resolution": 12}}, r"data.resolution=12: the latents are 6x6, which the UNet's 2x down-sampling"),
+    ({"data": {"resolution": 10}}, r"data.resolution=10: the latents are 5x5, which the UNet's 2x down-sampling"),
     ({"data": {"channels": 1}}, r"data.channels=1: the VAE in .* takes 3 channels"),
     ({"train": {"prediction_type": "v_prediction"}},
      r"train.prediction_type='v_prediction': the pipeline's .*scheduler_config.json says 'epsilon'"),

@@ -147,8 +147,9 @@ def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: tuple[str
     beyond it, ``text_encoder(ids)[0]``). A truncated caption is logged once, with the count."""
     distinct = tuple(dict.fromkeys(captions))
     n_max = tokenizer.model_max_length
-    full = tokenizer(list(distinct), padding="longest", truncation=False).input_ids
-    cut = [c for c, ids in zip(distinct, full) if len(ids) > n_max]
+    # one token past the limit tells a caption that will be cut (and keeps the tokenizer from warning)
+    lengths = tokenizer(list(distinct), truncation=True, max_length=n_max + 1).input_ids
+    cut = [c for c, ids in zip(distinct, lengths) if len(ids) > n_max]
     if cut:
         log(f"note: {len(cut)} caption(s) are longer than the tokenizer's {n_max} tokens and are truncated, as "
             f"diffusers does (e.g. {cut[0][:60]!r})")

@@ -254,3 +254,11 @@ def test_cli_missing_tokenizer_is_one_error_line_and_the_file_check_accepts_a_pi
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing: tokenizer/" in errors[0], proc.stderr
+
+
+def test_without_a_vae_the_unet_takes_the_images_and_channels_must_match(pipe_dir, image_dir, tmp_path):
+    folder = broken_copy(pipe_dir, tmp_path, "sd")
+    shutil.rmtree(folder / "vae")  # pixel space: the 4-channel UNet cannot take RGB images
+    with pytest.raises(RunError, match=r"data.channels=3: the UNet in .* takes 4 channels and the pipeline has no vae/"):
+        train(run_config_from_dict(run_dict(folder, image_dir, tmp_path / "out")), log=lambda s: None)
+    assert not (tmp_path / "out").exists()

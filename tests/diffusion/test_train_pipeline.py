@@ -262,3 +262,12 @@ def test_without_a_vae_the_unet_takes_the_images_and_channels_must_match(pipe_di
     with pytest.raises(RunError, match=r"data.channels=3: the UNet in .* takes 4 channels and the pipeline has no vae/"):
         train(run_config_from_dict(run_dict(folder, image_dir, tmp_path / "out")), log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_sdxl_style_unet_is_refused_by_name(pipe_dir, image_dir, tmp_path):
+    folder = broken_copy(pipe_dir, tmp_path, "sd")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps(config | {"addition_embed_type": "text_time"}))
+    with pytest.raises(ModelLoadError, match=r"unet: addition_embed_type='text_time' \(an SDXL-style UNet"):
+        train(run_config_from_dict(run_dict(folder, image_dir, tmp_path / "out")), log=lambda s: None)
+    assert not (tmp_path / "out").exists()

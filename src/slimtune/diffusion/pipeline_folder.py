@@ -101,6 +101,9 @@ def read_layout(name: str | Path, resolution: int, channels: int, prediction_typ
     root = Path(name).expanduser()
     check_parts(root)
     unet = read_json(root / "unet" / "config.json", "UNet config")
+    if unet.get("addition_embed_type") is not None:  # SDXL: pooled text embeddings and time ids as well
+        raise ModelLoadError(f"{root / 'unet'}: addition_embed_type={unet['addition_embed_type']!r} (an SDXL-style "
+                             "UNet with a second text encoder); slimtune trains Stable Diffusion 1.x/2.x pipelines")
     text = read_json(root / "text_encoder" / "config.json", "text encoder config")
     vae = read_json(root / "vae" / "config.json", "VAE config") if (root / "vae").is_dir() else None
     sched = root / "scheduler" / "scheduler_config.json"

@@ -1,7 +1,9 @@
 """``slimtune train`` with ``data.format: images``: a LoRA on a diffusers UNet, trained by noise prediction.
 
 ``slimtune.train.run.train`` checks the config and the output folder, seeds, and hands over here. The run
-reads as the LM run does: data (``diffusion.images``), model (``diffusion.unet_folder``), scores before,
+reads as the LM run does: data (``diffusion.images``), model (``diffusion.unet_folder``, or
+``diffusion.pipeline_folder``: captions through the pipeline's CLIP text encoder, images through its VAE into
+latents, both once up front), scores before,
 adapter, optimizer and schedule, resume, the loop, scores after, the adapter. The loop, its checkpoints
 (exact resume: the noise and timesteps come from the checkpointed global RNG), metrics.jsonl and progress
 are ``slimtune.train.loop``'s: it trains ``NoisePrediction``, a module whose forward is one batch's
@@ -25,6 +27,8 @@ import slimtune
 from slimtune.diffusion.images import ImageDataError, ImageSet, load_images
 from slimtune.diffusion.memorisation import COPYING, memorisation
 from slimtune.diffusion.objective import noise_prediction_loss
+from slimtune.diffusion.pipeline_folder import (PipelineFitError, PipelineLayout, PipelineParts, decode,
+                                                is_pipeline_folder, load_pipeline, read_layout)
 from slimtune.diffusion.sampling import grid_figure, sample
 from slimtune.diffusion.unet_folder import load_unet_folder
 from slimtune.train.config import RunConfig, save_run_config
@@ -62,41 +66,62 @@ class NoisePrediction(nn.Module):
 def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None],
                  world: World = World()) -> RunResult:
     """The run (see the module docstring). Raises RunError (several processes, a bad image folder, caption
-    or image, images that do not fit the UNet, targets the UNet lacks), ModelLoadError (the UNet folder, a
-    caption without a prompt)."""
-    from diffusers import DDPMScheduler
-
+    or image, images that do not fit the UNet or the pipeline's VAE, targets the UNet lacks), ModelLoadError
+    (the UNet or pipeline folder, a caption without a prompt)."""
     if world.distributed:
         raise RunError("data.format: images: runs in one process; run `slimtune train` without --nproc")
-    try:  # every bad file is found before the model loads
+    layout = None
+    try:  # every bad file and setting is found before the model loads
+        if is_pipeline_folder(cfg.model.name):
+            layout = read_layout(cfg.model.name, cfg.data.resolution, cfg.data.channels, cfg.train.prediction_type)
         images = load_images(cfg.data.train, cfg.data.resolution, cfg.data.channels)
-    except ImageDataError as e:  # the CLI's named errors: one `error:` line, exit 2
+    except (ImageDataError, PipelineFitError) as e:  # the CLI's named errors: one `error:` line, exit 2
         raise RunError(str(e)) from None
-    unet, prompts = load_unet_folder(cfg.model.name, DTYPES[cfg.model.dtype])
-    check_fits(unet, cfg)
-    labels = prompts.ids(images.captions, f"data.train={cfg.data.train!r}")
+    parts = load_model(cfg, layout, images, log)
+    labels = parts.prompts.ids(images.captions, f"data.train={cfg.data.train!r}")
+    x = images.images if parts.latents is None else parts.latents  # (n, c, h, w): what the UNet denoises
     log(f"data: {len(images.files)} images {cfg.data.resolution}x{cfg.data.resolution}, "
-        f"{len(set(images.captions))} captions; UNet: {sum(p.numel() for p in unet.parameters()):,} parameters")
-    scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS, prediction_type=cfg.train.prediction_type)
-    model = NoisePrediction(unet, scheduler, prompts.table.to(DTYPES[cfg.model.dtype]), cfg.train.snr_gamma)
-    before = scores(model, images, labels)
+        f"{len(set(images.captions))} captions" + ("" if parts.vae is None else f", latents {tuple(x.shape[1:])}")
+        + f"; UNet: {sum(p.numel() for p in parts.unet.parameters()):,} parameters")
+    model = NoisePrediction(parts.unet, parts.scheduler, parts.prompts.table.to(DTYPES[cfg.model.dtype]),
+                            cfg.train.snr_gamma)
+    before = scores(model, images, x, labels, parts.vae)
     try:
-        log(str(slimtune.inject(unet, cfg.adapter, ADAPTER)))
+        log(str(slimtune.inject(parts.unet, cfg.adapter, ADAPTER)))
     except ValueError as e:  # a target that matches no module of the UNet
         raise RunError(f"adapter.target_modules={cfg.adapter.target_modules!r}: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)  # every input checked: only now is anything written
     save_run_config(cfg, run_dir / "config.yaml")
     if cfg.train.grad_checkpointing:
-        unet.enable_gradient_checkpointing()  # diffusers' own: recompute each block's activations in backward
-    total = fit(model, images.images.to(DTYPES[cfg.model.dtype]), labels, cfg, run_dir, resume, log)
-    after = scores(model, images, labels, run_dir / "samples.png")
+        parts.unet.enable_gradient_checkpointing()  # diffusers' own: recompute each block's activations in backward
+    total = fit(model, x.to(DTYPES[cfg.model.dtype]), labels, cfg, run_dir, resume, log)
+    after = scores(model, images, x, labels, parts.vae, run_dir / "samples.png")
     if after.get("copy_fraction", 0.0) >= COPYING:
         log(f"warning: {after['copy_fraction']:.0%} of the samples copy a training image (nearer to one than "
             "half the training images' own spacing): the LoRA memorises; train fewer steps or on more images")
-    adapter_dir = slimtune.save_adapter(unet, run_dir / "adapter", ADAPTER, format="diffusers")
+    adapter_dir = slimtune.save_adapter(parts.unet, run_dir / "adapter", ADAPTER, format="diffusers")
     result = RunResult(run_dir, adapter_dir, total, before, after)
     write_summary(run_dir, result)
     return result
+
+
+def load_model(cfg: RunConfig, layout: PipelineLayout | None, images: ImageSet,
+               log: Callable[[str], None]) -> PipelineParts:
+    """The UNet and its conditioning from a pipeline folder (``layout``: captions and, with a VAE, images
+    encoded once; its own scheduler when it has one) or a UNet folder (its prompt table, pixel space); the
+    noise scheduler defaults to DDPM with ``train.prediction_type``."""
+    from diffusers import DDPMScheduler
+
+    dtype = DTYPES[cfg.model.dtype]
+    if layout is not None:
+        parts = load_pipeline(layout, images.captions, images.images, dtype, cfg.train.seed, log)
+    else:
+        unet, prompts = load_unet_folder(cfg.model.name, dtype)
+        check_fits(unet, cfg)
+        parts = PipelineParts(unet, prompts, None, None, None)
+    if parts.scheduler is None:
+        parts.scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS, prediction_type=cfg.train.prediction_type)
+    return parts
 
 
 def fit(model: NoisePrediction, images: Tensor, labels: Tensor, cfg: RunConfig, run_dir: Path, resume: bool,
@@ -145,21 +170,24 @@ def fixed_noise_loss(model: NoisePrediction, images: Tensor, labels: Tensor, bat
 
 
 @torch.no_grad()
-def scores(model: NoisePrediction, data: ImageSet, labels: Tensor, figure: Path | None = None) -> dict[str, float]:
-    """noise_loss, and (with 2+ images) the memorisation of samples drawn for the first MAX_SAMPLES
-    training captions from fixed seeds; ``figure``: those samples as a PNG grid."""
+def scores(model: NoisePrediction, data: ImageSet, x: Tensor, labels: Tensor, vae: nn.Module | None = None,
+           figure: Path | None = None) -> dict[str, float]:
+    """noise_loss on ``x`` (n, c, h, w), the images or their latents, and (with 2+ images) the memorisation of
+    samples drawn for the first MAX_SAMPLES training captions from fixed seeds, decoded by ``vae`` when the
+    run is in latent space and measured against ``data.images``; ``figure``: those samples as a PNG grid."""
     from diffusers import DDIMScheduler
 
     was_training = model.training
     model.eval()
-    out = {"noise_loss": fixed_noise_loss(model, data.images, labels)}
+    out = {"noise_loss": fixed_noise_loss(model, x, labels)}
     rows = labels[:MAX_SAMPLES]
     unet = model.unet
-    start = torch.randn((len(rows), *data.images.shape[1:]), generator=torch.Generator().manual_seed(SCORE_SEED))
+    start = torch.randn((len(rows), *x.shape[1:]), generator=torch.Generator().manual_seed(SCORE_SEED))
     drawn = sample(unet, DDIMScheduler.from_config(model.noise_scheduler.config), start.shape, SAMPLE_STEPS,
                    latents=start, encoder_hidden_states=model.prompts[rows].to(next(unet.parameters()).dtype))
+    drawn = drawn.float() if vae is None else decode(vae, drawn)
     if data.images.shape[0] >= 2:
-        m = memorisation(drawn.float(), data.images)
+        m = memorisation(drawn, data.images)
         out |= {"median_distance": m.median_distance, "copy_fraction": m.copy_fraction}
     if figure is not None:
         write_grid(drawn, figure)

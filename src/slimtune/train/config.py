@@ -354,9 +354,11 @@ def file_issues(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
     if name not in BUNDLED_MODELS:
         p = Path(name).expanduser()
         ok = p.is_file() if name.lower().endswith(".gguf") else (p / "config.json").is_file()
+        ok = ok or (data.get("format") == "images" and (p / "model_index.json").is_file())  # a pipeline folder
         if not ok and data.get("format") == "images":
             issues.append(f"model.name={name!r}: data.format: images needs a diffusers UNet folder (config.json, "
-                          f"safetensors weights, prompts.safetensors) (relative to {os.getcwd()})")
+                          f"safetensors weights, prompts.safetensors) or a pipeline folder (model_index.json, "
+                          f"unet/, text_encoder/, tokenizer/) (relative to {os.getcwd()})")
         elif not ok:
             issues.append(f"model.name={name!r}: must be the bundled {', '.join(BUNDLED_MODELS)}, a folder holding "
                           f"a Hugging Face config.json, or an existing .gguf file (relative to {os.getcwd()})")

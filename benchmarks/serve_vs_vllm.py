@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REQUESTS, NEW, ADAPTERS = 32, 32, 4
+REQUESTS, NEW, ADAPTERS, ROUNDS = 32, 32, 4, 3
 HERE = Path(__file__).parent
 VENV = HERE / ".venv-vllm"
 OUT = HERE / "results" / "serve_vs_vllm.md"
@@ -97,18 +97,21 @@ def workload(url: str, models: list[str]) -> tuple[float, int, list[str]]:
     return time.perf_counter() - t0, sum(r[0] for r in results), [r[1] for r in results]
 
 
-def measure(url: str, adapters: list[str]) -> dict[str, tuple[float, int, list[str]]]:
-    """The adapter workload and the base workload (the listed model that is not an adapter), each after a warm-up
-    round."""
+def measure(url: str, adapters: list[str], rounds: int = ROUNDS) -> dict[str, tuple[float, int, list[str]]]:
+    """The adapter workload and the base workload (the listed model that is not an adapter): one warm-up round of
+    each, then ``rounds`` rounds alternating the two; per workload the round of median wall time."""
     import openai
 
     listed = [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="x").models.list()]
     base = next(m for m in listed if m not in adapters)
-    got = {}
-    for label, models in (("adapters", adapters), ("base", [base])):
+    workloads = {"adapters": adapters, "base": [base]}
+    for models in workloads.values():
         workload(url, models)
-        got[label] = workload(url, models)
-    return got
+    runs: dict[str, list] = {label: [] for label in workloads}
+    for _ in range(rounds):
+        for label, models in workloads.items():
+            runs[label].append(workload(url, models))
+    return {label: sorted(r, key=lambda x: x[0])[len(r) // 2] for label, r in runs.items()}
 
 
 def main() -> int:
@@ -162,7 +165,9 @@ def write(ours: dict, theirs: dict, threads: int) -> None:
                     f"{same}/{REQUESTS} |")
     lines = ["# serve_vs_vllm: slimtune serve vs vLLM-CPU, same run", "",
              f"SmolLM2-135M fp32 on CPU ({threads} threads); {REQUESTS} requests sent at once, {NEW} greedy "
-             "tokens each, through the openai client; after one warm-up round each.", "",
+             f"tokens each, through the openai client; one warm-up round each, then {ROUNDS} rounds alternating "
+             "the two workloads, the median round reported. Each server runs alone (vLLM first, then slimtune).",
+             "",
              "| workload | slimtune tokens/s | vLLM-CPU tokens/s | ratio | identical completions |",
              "|---|---|---|---|---|", *rows, "", "Target (issue 13): slimtune >= 1.0x vLLM-CPU; identical outputs."]
     OUT.parent.mkdir(exist_ok=True)

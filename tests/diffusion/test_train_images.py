@@ -21,6 +21,7 @@ from slimtune.diffusion.unet_folder import PROMPTS_FILE, load_unet_folder, save_
 from slimtune.train.config import RunConfigError, run_config_from_dict
 from slimtune.train.model import ModelLoadError
 from slimtune.train.run import RunError, train
+from tests.diffusion.resume_check import assert_resume_is_exact
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["red square", "blue ring"]
@@ -105,22 +106,7 @@ def test_cli_trains_and_diffusers_loads_the_adapter_with_equal_outputs(unet_dir,
 
 def test_resume_from_a_checkpoint_gives_the_same_adapter_and_metrics(unet_dir, image_dir, tmp_path):
     cfg = run_config_from_dict(run_dict(unet_dir, image_dir, tmp_path / "out", snr_gamma=5.0))
-    train(cfg, log=lambda s: None)
-    out = tmp_path / "out"
-    whole = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(out / "checkpoints" / "step-6")  # as if killed after step 3's checkpoint
-    shutil.rmtree(out / "adapter")
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics[:-1]))
-    train(cfg, resume=True, log=lambda s: None)
-    resumed = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
-    assert resumed.keys() == whole.keys()
-    for k in whole:
-        assert torch.equal(resumed[k], whole[k]), k
-    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timing = ("elapsed_s", "tokens_per_s")
-    assert [{k: v for k, v in m.items() if k not in timing} for m in again[:-1]] == \
-        [{k: v for k, v in m.items() if k not in timing} for m in metrics[:-1]]
+    assert_resume_is_exact(cfg, tmp_path / "out")
 
 
 @pytest.mark.parametrize("data, train_, quantize, method, issue", [

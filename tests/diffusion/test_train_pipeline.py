@@ -26,6 +26,7 @@ from slimtune.train.model import ModelLoadError
 from slimtune.train.run import RunError, train
 
 from .conftest import UNET_CONFIG
+from tests.diffusion.resume_check import assert_resume_is_exact
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 24  # the tiny tokenizer's model_max_length: one character per token (no merges)
@@ -182,22 +183,7 @@ def test_latents_equal_vae_encode_and_samples_decode_as_the_pipeline(pipe_dir, l
 
 def test_resume_on_a_pipeline_folder_is_exact(pipe_dir, image_dir, tmp_path):
     cfg = run_config_from_dict(run_dict(pipe_dir, image_dir, tmp_path / "out", snr_gamma=5.0))
-    train(cfg, log=lambda s: None)
-    out = tmp_path / "out"
-    whole = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(out / "checkpoints" / "step-6")  # as if killed after step 3's checkpoint
-    shutil.rmtree(out / "adapter")
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics[:-1]))
-    train(cfg, resume=True, log=lambda s: None)
-    resumed = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
-    assert resumed.keys() == whole.keys()
-    for k in whole:
-        assert torch.equal(resumed[k], whole[k]), k
-    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timing = ("elapsed_s", "tokens_per_s")
-    assert [{k: v for k, v in m.items() if k not in timing} for m in again[:-1]] == \
-        [{k: v for k, v in m.items() if k not in timing} for m in metrics[:-1]]
+    assert_resume_is_exact(cfg, tmp_path / "out")
 
 
 def broken_copy(pipe_dir: Path, tmp_path: Path, name: str) -> Path:

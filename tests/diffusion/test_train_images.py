@@ -227,3 +227,26 @@ def test_grad_checkpointing_trains_the_same_adapter(unet_dir, image_dir, tmp_pat
         files.append(load_file(str(result.adapter_dir / "pytorch_lora_weights.safetensors")))
     for k in files[0]:
         torch.testing.assert_close(files[1][k], files[0][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_dtype, precision", [("float32", "bf16"), ("bfloat16", "fp32")],
+                         ids=["autocast-bf16", "bf16-base"])
+def test_bf16_runs_train_and_their_adapter_loads_in_diffusers(unet_dir, image_dir, tmp_path, model_dtype, precision):
+    """The two bf16 paths a user takes: autocast on an fp32 UNet, and a bf16 UNet (fp32 adapters). The loss stays
+    finite, the fixed-noise loss falls as in the fp32 run, and diffusers loads the adapter with outputs equal to
+    slimtune's UNet carrying it (compared in fp32)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = run_dict(unet_dir, image_dir, tmp_path / "out", precision=precision)
+    cfg["model"]["dtype"] = model_dtype
+    train(run_config_from_dict(cfg), log=lambda s: None)
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["after"]["noise_loss"] < summary["before"]["noise_loss"]
+    ours = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    slimtune.load_adapter(ours, out / "adapter")
+    theirs = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    theirs.load_lora_adapter(str(out / "adapter"), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(unet_outputs(ours), unet_outputs(theirs), atol=1e-5, rtol=1e-5)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import slimtune
@@ -342,3 +343,23 @@ def test_fsdp_needs_an_adapter_method_and_several_processes(tmp_path, monkeypatc
     with pytest.raises(RunError, match=r"train.fsdp=True: .* this is one; run `slimtune train --nproc N`"):
         train(cfg, log=lambda line: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_slimtune_train_nproc_2_with_batch_size_auto_splits_the_effective_batch(tiny_folder, tmp_path):
+    """Auto-fit through the CLI under torchrun: each of the 2 processes gets half the effective batch, the choice
+    is printed once (rank 0) and recorded, and the run trains."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    done = _cli("--nproc", "2", f"model.name={tiny_folder}", f"data.train={data}", "data.format=chat",
+                "data.eval_fraction=0", "data.max_length=64", "train.max_steps=2", "train.batch_size=auto",
+                "train.effective_batch=8", "train.memory=2GB", "train.eval_every=null", "train.save_every=null",
+                f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fit = [line for line in done.stdout.splitlines() if line.startswith("auto-fit:")]
+    assert len(fit) == 1 and "x 2 processes (effective batch 8)" in fit[0], done.stdout
+    assert "train.memory=2GB" in fit[0]
+    assert done.stdout.count("effective batch 8 (batch_size 4 x grad_accum 1 x 2 processes)") == 1, done.stdout
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert (saved["batch_size"], saved["grad_accum"]) == (4, 1)
+    assert done.stdout.count("trained 2 steps") == 1

@@ -77,6 +77,8 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
         images = load_images(cfg.data.train, cfg.data.resolution, cfg.data.channels)
     except (ImageDataError, PipelineFitError) as e:  # the CLI's named errors: one `error:` line, exit 2
         raise RunError(str(e)) from None
+    if torch.cuda.is_available():
+        log("note: image runs train on the CPU in this version (language-model runs use the GPU)")
     parts = load_model(cfg, layout, images, log)
     labels = parts.prompts.ids(images.captions, f"data.train={cfg.data.train!r}")
     x = images.images if parts.latents is None else parts.latents  # (n, c, h, w): what the UNet denoises

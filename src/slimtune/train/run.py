@@ -113,9 +113,10 @@ def _fit(cfg: RunConfig, world: World, tokenizer: Any, data: RunData, general: t
     num_labels = len(data.label_names or ()) if task == "classification" else None
     model = load_model(cfg.model.name, cfg.model.dtype, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = False  # training: a KV cache would also switch off the packed block-diagonal mask
-    if world.distributed and world.device.type == "cuda":  # NCCL all-reduces CUDA tensors: one GPU per rank
+    if world.device.type == "cuda":  # the GPU when there is one (one per rank under torchrun: NCCL needs it)
         model.to(world.device)
         data.device = world.device
+    log(f"device: {world.device}" + (" (no CUDA GPU visible)" if world.device.type == "cpu" else ""))
     log(f"data: {data.stats.rows} rows ({data.stats.skipped} skipped, {data.stats.truncated} truncated), "
         f"{len(data.train_rows)} training rows{' packed' if data.packed else ''}, {len(data.eval_examples)} eval")
     if cfg.quantize == "nf4":
@@ -181,9 +182,9 @@ def _save_result(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
 
 def _auto_fit(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None], world: World) -> RunConfig:
     """Resolve ``train.batch_size: auto`` from the model's config alone and print the choice; RunError when
-    nothing fits. The model stays on the CPU it loads on, so the budget is the CPU's."""
+    nothing fits. The budget is the device's the run trains on: free GPU memory, or the machine's RAM."""
     try:
-        cfg, choice = resolve_auto(cfg, "cpu", recorded_train(run_dir) if resume else None,
+        cfg, choice = resolve_auto(cfg, world.device.type, recorded_train(run_dir) if resume else None,
                                    world.world_size, local_processes())
     except (NothingFits, UnevenBatch) as e:
         raise RunError(str(e)) from None

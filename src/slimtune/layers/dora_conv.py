@@ -66,13 +66,20 @@ class DoraConv(LoraConv):
                 MAGNITUDE_KEY: self.magnitude.view(shape)}
 
     def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Copy A, B and m; m given as PEFT's (1, c_out, 1..) or as (c_out,). Raises ValueError naming the
-        key for a shape this layer cannot take (nothing copied)."""
+        """Copy A, B and m (m as PEFT's (1, c_out, 1..) or as (c_out,)). Raises ValueError naming the key for
+        a shape this layer cannot take; every shape is checked before anything is copied."""
+        targets = self.file_tensors()  # views of the parameters, in the file's layout
         m = tensors[MAGNITUDE_KEY]
-        if m.numel() != self.magnitude.numel() or m.dim() not in (1, self.lora_A.dim()):
-            raise ValueError(f"{MAGNITUDE_KEY}: file has shape {tuple(m.shape)}, this layer needs "
-                             f"{tuple(self.file_tensors()[MAGNITUDE_KEY].shape)} (different base model?)")
-        super().load_file_tensors({**tensors, MAGNITUDE_KEY: m.reshape(self.file_tensors()[MAGNITUDE_KEY].shape)})
+        if m.dim() == 1 and m.numel() == self.magnitude.numel():
+            m = m.view(targets[MAGNITUDE_KEY].shape)
+        given = {**tensors, MAGNITUDE_KEY: m}
+        for key, target in targets.items():
+            if given[key].shape != target.shape:
+                raise ValueError(f"{key}: file has shape {tuple(tensors[key].shape)}, this layer needs "
+                                 f"{tuple(target.shape)} (different rank or base model?)")
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(given[key])
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module) -> Tensor:
         """x: (N, c_in, *spatial); base_out: (N, c_out, *spatial') -> same shape and dtype as base_out.

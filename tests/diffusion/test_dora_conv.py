@@ -142,17 +142,15 @@ def test_diffusers_dora_conv_file_loads_in_slimtune(tmp_path, writer):
     torch.testing.assert_close(unet_out(ours), unet_out(theirs), **TOL)
 
 
-def test_peft_folder_of_a_dora_unet_round_trips():
+def test_peft_folder_of_a_dora_unet_round_trips(tmp_path):
     """The default format (PEFT's folder) reloads into slimtune exactly, conv magnitudes included."""
-    import tempfile
-
     unet = dora_unet(r=2, alpha=5)
-    with tempfile.TemporaryDirectory() as tmp:
-        slimtune.save_adapter(unet, tmp)
-        other = tiny_unet()
-        slimtune.load_adapter(other, tmp)
+    slimtune.save_adapter(unet, tmp_path)
+    other = tiny_unet()
+    slimtune.load_adapter(other, tmp_path)
     torch.testing.assert_close(unet_out(other), unet_out(unet), atol=0, rtol=0)
-    a, b = other.down_blocks[0].resnets[0].conv1.adapters["default"], unet.down_blocks[0].resnets[0].conv1.adapters["default"]
+    conv = "down_blocks.0.resnets.0.conv1"
+    a, b = (m.get_submodule(conv).adapters["default"] for m in (other, unet))
     assert torch.equal(a.magnitude, b.magnitude) and a.magnitude.shape == (8,)
 
 

@@ -184,12 +184,14 @@ def test_slimtune_folder_loads_in_peft_and_peft_folder_loads_in_slimtune(tmp_pat
         torch.testing.assert_close(loaded(x), peft_model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_autocast_forward_and_backward_track_fp32():
-    ref, x = dora_toy(), images()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_bf16_autocast_forward_and_backward_track_fp32(device):
+    ref, x = dora_toy().to(device), images().to(device)
     fast = copy.deepcopy(ref)
     want_out = ref(x)
     want_out.square().mean().backward()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = fast(x)
     out.float().square().mean().backward()
     torch.testing.assert_close(out.float(), want_out, atol=0.05, rtol=0.05)

@@ -94,7 +94,7 @@ class LoraConfig:
         Both rewrite the base weight, so the step-0 output still equals the base.
     use_rslora: scale by alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r.
     use_dora: DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A|| per output row,
-        with a trainable magnitude m. Linear-like layers only (Linear, Conv1D, 4-bit).
+        with a trainable magnitude m. Linear-like (Linear, Conv1D, 4-bit) and Conv1d/Conv2d layers.
     bias: which biases train and are saved: ``none``, ``all``, or ``lora_only`` (wrapped layers').
     adapter_dtype: on a bf16/fp16 (or 4-bit) base, adapters are created in ``float32`` (as PEFT does) or
         in the ``base`` dtype (the base's, or a 4-bit layer's compute dtype). fp32 and fp64 bases keep theirs.

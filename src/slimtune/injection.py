@@ -23,6 +23,7 @@ from slimtune.layers.amp import adapter_dtype
 from slimtune.layers.base import AdaptedLayer, TrainedCopy
 from slimtune.layers.bottleneck import BottleneckAdapter, position_of
 from slimtune.layers.dora import DoraLinear, dense_weight
+from slimtune.layers.dora_conv import DoraConv
 from slimtune.layers.lora import LoraConv, LoraEmbedding, LoraLinear
 from slimtune.modules import set_submodule
 from slimtune.names import suffix_match
@@ -106,13 +107,16 @@ def _build_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
         d_out = base.weight.shape[1] if _is_conv1d_transposed(base) else base.out_features
         return BottleneckAdapter(d_out, cfg.size, cfg.nonlinearity, cfg.dropout, cfg.scale)
     r, alpha = cfg.rank_for(name), cfg.alpha_for(name)
-    needs_linear = [what for what, on in (("use_dora=True", cfg.use_dora),
-                                          (f"init={cfg.init!r}", cfg.init in ("pissa", "olora"))) if on]
-    if needs_linear and not is_linear_like(base):
-        raise TypeError(f"lora.{needs_linear[0]}: supported on linear layers only; {name} is a "
+    if cfg.init in ("pissa", "olora") and not is_linear_like(base):
+        raise TypeError(f"lora.init={cfg.init!r}: supported on linear layers only; {name} is a "
                         f"{type(base).__name__} (exclude it with exclude_modules)")
     if cfg.use_dora:
         kw = dict(dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=_random_init(cfg.init))
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            return DoraConv(base, r, alpha, **kw)
+        if not is_linear_like(base):
+            raise TypeError(f"lora.use_dora=True: supported on linear and conv (Conv1d, Conv2d) layers only; "
+                            f"{name} is a {type(base).__name__} (exclude it with exclude_modules)")
         return DoraLinear(base, r, alpha, fan_in_fan_out=_is_conv1d_transposed(base), **kw)
     return make_lora(base, r, alpha, cfg)
 
@@ -349,7 +353,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         for (name, module), adapter in zip(targets, adapters):
             if name in factors:
                 write_principal(adapter, _base_of(module), *factors[name])
-            if isinstance(adapter, DoraLinear):
+            if isinstance(adapter, (DoraLinear, DoraConv)):
                 adapter.init_magnitude(_base_of(module))  # after any init that moved W0, and in the final dtype
     configs = dict(getattr(model, "slimtune_configs", {}))
     model.slimtune_active = tuple(getattr(model, "slimtune_active", tuple(configs))) + (adapter_name,)

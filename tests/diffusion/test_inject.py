@@ -30,7 +30,8 @@ def peft_twin(model, slim_model, peft_kwargs: dict):
             theirs[name].lora_A["default"].weight.copy_(a.lora_A)
             theirs[name].lora_B["default"].weight.copy_(a.lora_B)
             if hasattr(a, "magnitude"):
-                theirs[name].lora_magnitude_vector["default"].weight.copy_(a.magnitude)
+                m = theirs[name].lora_magnitude_vector["default"].weight
+                m.copy_(a.magnitude.view_as(m))  # PEFT keeps a conv's as (1, c_out, 1, 1)
     return twin.eval()
 
 

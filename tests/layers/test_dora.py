@@ -200,8 +200,8 @@ def test_trainable_bias_gets_the_plain_gradient(dropout, conv1d):
 
 
 def test_dora_on_embedding_is_a_clear_error():
-    with pytest.raises(TypeError, match=r"lora.use_dora=True: supported on linear layers only; "
-                                        r"model.embed_tokens is a Embedding"):
+    with pytest.raises(TypeError, match=r"lora.use_dora=True: supported on linear and conv \(Conv1d, Conv2d\) "
+                                        r"layers only; model.embed_tokens is a Embedding"):
         inject(tiny_llama(), LoraConfig(target_modules=("embed_tokens", "q_proj"), use_dora=True))
 
 

@@ -117,7 +117,8 @@ def test_resume_from_a_checkpoint_gives_the_same_adapter_and_metrics(unet_dir, i
     ({"format": "images", "train": "imgs", "channels": 2}, {}, "none", "lora",
      "data.channels=2: must be 1 (grey) or 3 (RGB)"),
     ({"format": "images", "train": "imgs", "resolution": 0}, {}, "none", "lora", "data.resolution=0: must be"),
-    ({"format": "images", "train": "imgs"}, {}, "none", "dora", "adapter.method='dora': data.format: images"),
+    ({"format": "images", "train": "imgs"}, {}, "none", "bottleneck",
+     "adapter.method='bottleneck': data.format: images writes diffusers' LoRA file"),
     ({"format": "images", "train": "imgs"}, {}, "nf4", "lora", "quantize='nf4': not supported with data.format"),
     ({"format": "images", "train": "imgs"}, {"batch_size": "auto"}, "none", "lora", "train.batch_size='auto'"),
     ({"format": "images", "train": "imgs"}, {"snr_gamma": 0}, "none", "lora", "train.snr_gamma=0: must be"),
@@ -229,22 +230,28 @@ def test_grad_checkpointing_trains_the_same_adapter(unet_dir, image_dir, tmp_pat
         torch.testing.assert_close(files[1][k], files[0][k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_dtype, precision", [("float32", "bf16"), ("bfloat16", "fp32")],
-                         ids=["autocast-bf16", "bf16-base"])
-def test_bf16_runs_train_and_their_adapter_loads_in_diffusers(unet_dir, image_dir, tmp_path, model_dtype, precision):
-    """The two bf16 paths a user takes: autocast on an fp32 UNet, and a bf16 UNet (fp32 adapters). The loss stays
-    finite, the fixed-noise loss falls as in the fp32 run, and diffusers loads the adapter with outputs equal to
-    slimtune's UNet carrying it (compared in fp32)."""
+@pytest.mark.parametrize("model_dtype, precision, method", [("float32", "bf16", "lora"), ("bfloat16", "fp32", "lora"),
+                                                             ("float32", "fp32", "dora")],
+                         ids=["autocast-bf16", "bf16-base", "dora-with-conv-targets"])
+def test_bf16_and_dora_runs_train_and_their_adapter_loads_in_diffusers(unet_dir, image_dir, tmp_path, model_dtype,
+                                                                        precision, method):
+    """The two bf16 paths a user takes (autocast on an fp32 UNet; a bf16 UNet with fp32 adapters) and a DoRA run
+    (attention and Conv2d targets). The loss stays finite, the fixed-noise loss falls, and diffusers loads the
+    adapter with outputs equal to slimtune's UNet carrying it (compared in fp32)."""
     from diffusers import UNet2DConditionModel
 
     cfg = run_dict(unet_dir, image_dir, tmp_path / "out", precision=precision)
     cfg["model"]["dtype"] = model_dtype
+    cfg["adapter"]["method"] = method
     train(run_config_from_dict(cfg), log=lambda s: None)
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
     summary = records[-1]
     assert summary["event"] == "summary" and summary["after"]["noise_loss"] < summary["before"]["noise_loss"]
+    keys = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
+    magnitudes = [k for k in keys if "lora_magnitude_vector" in k]
+    assert bool(magnitudes) == (method == "dora") and (method != "dora" or any("conv1" in k for k in magnitudes))
     ours = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     slimtune.load_adapter(ours, out / "adapter")
     theirs = UNet2DConditionModel.from_pretrained(unet_dir).eval()

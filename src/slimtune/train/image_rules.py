@@ -36,15 +36,15 @@ def image_data_rules(d: Mapping[str, Any]) -> list[str]:
 
 def image_cross_rules(quantize: str | None, method: str | None, data: Mapping[str, Any],
                       train: Mapping[str, Any]) -> list[str]:
-    """data.format: images trains a LoRA on a diffusers UNet, one process, written in diffusers' format."""
+    """data.format: images trains a LoRA or DoRA on a diffusers UNet, one process, written in diffusers' format."""
     if data.get("format") != "images":
         return [f"train.{k}={train[k]!r}: only read with data.format: images; remove it"
                 for k, default in (("snr_gamma", None), ("prediction_type", "epsilon"))
                 if k in train and train[k] != default]
     issues = []
-    if method not in (None, "lora"):
+    if method not in (None, "lora", "dora"):
         issues.append(f"adapter.method={method!r}: data.format: images writes diffusers' LoRA file "
-                      "(pytorch_lora_weights.safetensors); use lora")
+                      "(pytorch_lora_weights.safetensors), which holds LoRA or DoRA; use lora or dora")
     if quantize not in (None, "none"):
         issues.append(f"quantize={quantize!r}: not supported with data.format: images; use none")
     if train.get("batch_size") == AUTO:

@@ -56,3 +56,25 @@ def greedy_ids(model, tok, prompt: str) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     return new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+
+def test_serve_a_gguf_base_through_the_cli_builder(tmp_path):
+    """`slimtune serve --base model.gguf` (the bundled llama.cpp file, Q4_1): the adapter made on the GGUF-loaded
+    base serves, and its greedy answer equals transformers + PEFT merged on that same base."""
+    from slimtune.assets import SMOLLM2_GGUF, SMOLLM2_PACKAGE, load_smollm2, package_dir
+    from slimtune.serve.commands import build_server
+    from slimtune.train.model import load_model
+
+    source = package_dir(SMOLLM2_PACKAGE, "") / SMOLLM2_GGUF
+    base, tok = load_model(str(source), "float32"), load_smollm2()[1]
+    folder = slimtune_adapter(base, tmp_path / "adapters" / "kv", 3, std=0.05, r=8,
+                              target_modules=("k_proj", "v_proj", "o_proj"))
+    app = build_server(str(source), str(tmp_path / "adapters"))
+    prompt = "The capital of France is"
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+        assert {m.id for m in client.models.list().data} == {source.stem, "kv"}
+        got = client.completions.create(model="kv", prompt=prompt, max_tokens=16, temperature=0)
+    want = greedy_ids(merged_oracle(base, folder), tok, prompt)
+    assert got.choices[0].text == tok.decode(want, skip_special_tokens=True)
+    assert want != greedy_ids(base, tok, prompt)  # the adapter changes the answer

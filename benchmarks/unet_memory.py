@@ -4,8 +4,9 @@
 
 Small diffusers UNet2DConditionModel configs (random weights), one noise-prediction step (AdamW) on CPU
 (~15 s, so it runs without the heavy-job lock):
-full fine-tuning and LoRA r=4 (attention; attention + resnet conv1 + proj_in), fp32 and bf16. The peer: the
-same LoRA through diffusers' ``unet.add_adapter(peft.LoraConfig(...))``, measured with the same hooks.
+full fine-tuning, LoRA r=4 (attention; attention + resnet conv1 + proj_in) and DoRA r=4 (attention + resnet
+conv1 + conv2, so DoraConv too), fp32 and bf16. The peer: the same LoRA / DoRA through diffusers'
+``unet.add_adapter(peft.LoraConfig(..., use_dora=...))``, measured with the same hooks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CONFIGS = {
 }
 WORKLOAD = UNetWorkload(batch=2, resolution=16, text_tokens=8, device="cpu")
 CONV = UNET_ATTENTION + ("conv1", "proj_in")
+DORA_CONV = UNET_ATTENTION + ("conv1", "conv2")
 KEYS = ("weights", "gradients", "optimizer", "activations", "total")
 
 
@@ -46,13 +48,13 @@ def unet(cfg: dict):
     return UNet2DConditionModel(**cfg)
 
 
-def peft_activations(cfg: dict, targets: tuple[str, ...], dtype: torch.dtype) -> int:
-    """Saved-for-backward bytes of the same LoRA step with PEFT's layers (the peer)."""
+def peft_activations(cfg: dict, targets: tuple[str, ...], dtype: torch.dtype, dora: bool = False) -> int:
+    """Saved-for-backward bytes of the same LoRA (DoRA with ``dora``) step with PEFT's layers (the peer)."""
     from peft import LoraConfig
 
     model = unet(cfg).to(dtype)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), use_dora=dora))
     for n, p in model.named_parameters():
         if "lora_" in n and p.is_floating_point():
             p.data = p.data.float()  # PEFT keeps adapters in fp32 on a bf16 base, as slimtune does
@@ -69,29 +71,30 @@ def main() -> None:
     torch.set_num_threads(1)
     rows, peer_rows, t0 = [], [], time.time()
     for name, cfg in CONFIGS.items():
-        for method, targets in (("full", None), ("lora", None), ("lora", CONV)):
+        for method, targets in (("full", None), ("lora", None), ("lora", CONV), ("dora", DORA_CONV)):
             for dtype in ("fp32", "bf16"):
                 m = Method(method, rank=4, targets=targets)
                 p = Precision(weight_dtype=dtype, optim_dtype=dtype if method == "full" else "fp32")
                 est = estimate_unet(cfg, m, p, WORKLOAD).as_dict()
                 got = measure_unet_step(unet(cfg), m, p, WORKLOAD).as_dict()
-                what = f"{method}" + ("" if targets is None else " +conv1,proj_in") + f", {dtype}"
+                what = f"{method}" + ("" if targets is None else " +" + ",".join(targets[len(UNET_ATTENTION):])) + f", {dtype}"
                 rows.append((name, what, est, got))
-                if method == "lora":
-                    peer = peft_activations(cfg, targets or UNET_ATTENTION, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+                if method in ("lora", "dora"):
+                    peer = peft_activations(cfg, targets or UNET_ATTENTION, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]),
+                                            dora=method == "dora")
                     peer_rows.append((name, what, got["activations"], peer))
     lines = ["# UNet memory: estimate vs measured (CPU), and slimtune's LoRA step vs PEFT's", "",
              f"Machine: {machine('diffusers', 'peft')}. Workload: batch {WORKLOAD.batch}, latent "
              f"{WORKLOAD.resolution}x{WORKLOAD.resolution}, {WORKLOAD.text_tokens} text tokens; one step, AdamW; "
-             f"LoRA r=4, alpha=8. Run time {time.time() - t0:.0f} s.", "",
+             f"LoRA / DoRA r=4, alpha=8. Run time {time.time() - t0:.0f} s.", "",
              "Measured optimizer state includes AdamW's 4-byte step counter per trainable tensor (not estimated).",
              "", "| config | method | " + " | ".join(f"{k} est / measured (MiB)" for k in KEYS) + " |",
              "|---|---|" + "---|" * len(KEYS)]
     for name, what, est, got in rows:
         cells = [f"{est[k] / 2**20:.3f} / {got[k] / 2**20:.3f} ({(est[k] - got[k]) / got[k]:+.1%})" for k in KEYS]
         lines.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
-    lines += ["", "## Activations of the LoRA step: slimtune vs PEFT (same UNet, same targets)", "",
-              "| config | LoRA | slimtune (MiB) | PEFT (MiB) | PEFT / slimtune |", "|---|---|---|---|---|"]
+    lines += ["", "## Activations of the LoRA / DoRA step: slimtune vs PEFT (same UNet, same targets)", "",
+              "| config | adapter | slimtune (MiB) | PEFT (MiB) | PEFT / slimtune |", "|---|---|---|---|---|"]
     for name, what, ours, peer in peer_rows:
         lines.append(f"| {name} | {what} | {ours / 2**20:.3f} | {peer / 2**20:.3f} | {peer / ours:.3f}x |")
     out = Path(__file__).parent / "results" / "unet_memory.md"

@@ -72,11 +72,26 @@ def test_lora_count_equals_inject(targets):
     assert unet_lora_params(arch, 3, targets) == report.trainable_params
 
 
+DORA_CONV = UNET_ATTENTION + ("conv1", "conv2")  # DoRA on resnet convs (DoraConv) as well as the attention
+
+
+@pytest.mark.parametrize("targets", [DORA_CONV, ("conv1", "conv2", "conv_shortcut", "proj_in", "conv_out")])
+def test_dora_conv_count_equals_inject(targets):
+    """DoRA on conv targets trains LoRA's conv pair plus a magnitude per output channel of each conv."""
+    unet = diffusers_unet(CONFIGS["linear-proj, labels, deeper"])
+    report = slimtune.inject(unet, slimtune.LoraConfig(r=3, target_modules=targets, use_dora=True))
+    arch = unet_from_config(dict(unet.config))
+    assert estimate_unet(arch, Method("dora", rank=3, targets=targets)).trainable_params == report.trainable_params
+
+
 CASES = [("tiny", "full", None, "fp32"), ("tiny", "lora", None, "bf16"),
          ("tiny", "lora", UNET_ATTENTION + ("conv1", "proj_in"), "fp32"),
          ("linear-proj, labels, deeper", "full", None, "bf16"), ("linear-proj, labels, deeper", "lora", None, "fp32"),
          ("three blocks, no mid", "lora", ("all-linear",), "bf16"), ("tiny", "dora", None, "fp32"),
-         ("linear-proj, labels, deeper", "dora", UNET_ATTENTION + ("ff.net.2",), "bf16")]
+         ("linear-proj, labels, deeper", "dora", UNET_ATTENTION + ("ff.net.2",), "bf16"),
+         ("tiny", "dora", DORA_CONV, "fp32"), ("tiny", "dora", DORA_CONV, "bf16"),
+         ("linear-proj, labels, deeper", "dora", DORA_CONV + ("conv_shortcut", "conv_in"), "bf16"),
+         ("three blocks, no mid", "dora", ("conv2", "proj_in", "proj_out", "conv"), "fp32")]
 
 
 @pytest.mark.parametrize("name, method, targets, dtype", CASES)

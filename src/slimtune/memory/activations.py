@@ -108,6 +108,30 @@ def lora_branch(g: Graph, x: Sym, y: Sym, r: int, tokens: int, bpe: float, dora:
     return g.new(y.numel, y.bpe, True, "lora_out")
 
 
+def dora_conv_branch(g: Graph, x: Sym, y: Sym, r: int, positions: int, bpe: float) -> Sym:
+    """DoRA on a convolution as slimtune's ``DoraConv`` runs it (``layers/dora_conv.py``, plain autograd):
+    ``base_out + (c - 1) * plain + (c * s) * conv(conv(x, A), B)``, ``c = m / norm``, ``plain = base_out -
+    bias``. Op by op (``derivatives.yaml``; checked with saved-tensor hooks):
+
+    * ``m / norm`` (only m trains) keeps the (c_out,) fp32 norm;
+    * the A conv keeps x as the adapter reads it (the caller passes the adapter-dtype copy when the base
+      dtype differs), the B conv keeps A's (positions, r) output in the adapter dtype ``bpe``;
+    * ``(c - 1) * plain`` keeps ``plain``, a fresh tensor of the base output's size and dtype (diffusers'
+      UNet convs all have a bias), and the (c_out,) fp32 ``c - 1`` when ``plain`` needs a gradient;
+    * ``(c * s) * lora`` keeps B's output (``y``'s size, adapter dtype) and the (c_out,) fp32 ``c * s``.
+
+    x: (N, c_in, *spatial); y: the base conv's output (N, c_out, *spatial'), ``positions = N * prod(spatial')``.
+    Returns the adapted output: y's size and dtype, needing a gradient.
+    """
+    c_out = y.numel // positions
+    plain = g.new(y.numel, y.bpe, y.grad, "dora_plain")
+    g.save(g.new(c_out, FP32, False, "dora_norm"), x, g.new(positions * r, bpe, True, "lora_mid"), plain,
+           g.new(y.numel, bpe, True, "dora_lora"), g.new(c_out, FP32, True, "dora_cs"))
+    if plain.grad:
+        g.save(g.new(c_out, FP32, True, "dora_c_minus_1"))
+    return g.new(y.numel, y.bpe, True, "dora_out")
+
+
 ADAPTER_NONLINEARITIES = ("relu", "gelu", "silu", "tanh")
 
 

@@ -33,7 +33,7 @@ class UNetTraining:
     lora_rank: int = 8
     bpe: float = 2.0  # activations (the compute dtype)
     adapter_bpe: float = 4.0
-    dora: bool = False  # DoRA on the (linear) targets: LoRA's tensors plus DoraLinearFn's output and scale
+    dora: bool = False  # DoRA on the targets: DoraLinearFn's tensors on linears, DoraConv's ops on convs
 
     def trains(self, name: str) -> bool:
         """Whether layer ``name``'s own weight trains (every weight under full fine-tuning, none under LoRA)."""
@@ -55,7 +55,8 @@ class Step:
 
     def conv(self, name: str, x: Sym, c_out: int, side: int, lora: bool = True) -> Sym:
         """A conv to (batch, c_out, side, side): keeps x when anything needs a gradient; LoRA as LoraConv runs
-        it (A conv keeps x, or its cast copy in the adapter dtype, and B keeps A's (batch, r, side^2) output)."""
+        it (A conv keeps x, or its cast copy in the adapter dtype, and B keeps A's (batch, r, side^2) output),
+        DoRA as DoraConv runs it (:func:`slimtune.memory.activations.dora_conv_branch`)."""
         trains = self.t.trains(name)
         if x.grad or trains:
             self.g.save(x)
@@ -71,6 +72,8 @@ class Step:
             return y
         if conv and x.bpe != self.t.adapter_bpe:  # LoraConv casts x to the adapter dtype first
             x = self.g.new(x.numel, self.t.adapter_bpe, x.grad, "lora_x")
+        if conv and self.t.dora:
+            return ops.dora_conv_branch(self.g, x, y, self.t.lora_rank, tokens, self.t.adapter_bpe)
         return ops.lora_branch(self.g, x, y, self.t.lora_rank, tokens, self.t.adapter_bpe, dora=self.t.dora)
 
     def groupnorm(self, name: str, x: Sym, groups: int) -> Sym:

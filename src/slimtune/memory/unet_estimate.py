@@ -31,18 +31,15 @@ def is_unet_config(source: str | Path) -> bool:
 
 def unet_trainable(a: UNetArch, method: Method) -> int:
     """Trainable parameters: every one (full); LoRA on the targets (default: to_q, to_k, to_v, to_out.0);
-    DoRA adds a magnitude per output feature of each targeted linear. Raises ValueError for other methods
-    and for DoRA on a convolution."""
+    DoRA adds a magnitude per output feature of each targeted linear and per output channel of each
+    targeted conv (``DoraConv``). Raises ValueError for other methods and targets matching nothing."""
     if method.name == "full":
         return unet_params(a)
     targets = method.targets or UNET_ATTENTION
     if method.name == "lora":
         return unet_lora_params(a, method.rank, targets)
     if method.name == "dora":
-        hits = lora_targets(a, targets)
-        if any(layer.kind == "conv" for layer in hits):
-            raise ValueError("method=dora: DoRA wraps linear layers only; drop the conv targets")
-        return unet_lora_params(a, method.rank, targets) + sum(layer.d_out for layer in hits)
+        return unet_lora_params(a, method.rank, targets) + sum(layer.d_out for layer in lora_targets(a, targets))
     raise ValueError(f"method={method.name!r}: a UNet is estimated for {', '.join(UNET_METHODS)}")
 
 

@@ -111,3 +111,59 @@ def test_validate_accepts_it_with_images_and_refuses_it_with_another_format(pipe
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     assert "train.text_encoder=True: only read with data.format: images; remove it" in result.output
+
+
+@pytest.mark.parametrize("model_dtype, precision, method", [("float32", "bf16", "lora"), ("bfloat16", "fp32", "lora"),
+                                                             ("float32", "fp32", "dora")],
+                         ids=["autocast-bf16", "bf16-base", "dora"])
+def test_bf16_and_dora_text_encoder_runs_train_and_diffusers_loads_them(pipe_dir, image_dir, tmp_path, model_dtype,
+                                                                        precision, method):
+    """The bf16 paths a user takes (autocast on fp32 parts; bf16 parts with fp32 adapters) and DoRA (the text
+    encoder's LoRA takes the UNet adapter's method): the loss stays finite, the text encoder's adapter trains,
+    and diffusers' text encoder carrying it gives slimtune's outputs (compared in fp32)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cfg = run_dict(pipe_dir, image_dir, tmp_path / "out", text_encoder=True, precision=precision)
+    cfg["model"]["dtype"] = model_dtype
+    cfg["adapter"]["method"] = method
+    result = train(run_config_from_dict(cfg), log=lambda s: None)
+    assert all(torch.isfinite(torch.tensor(v)) for v in (*result.before.values(), *result.after.values()))
+    saved = load_file(str(result.adapter_dir / "pytorch_lora_weights.safetensors"))
+    te_b = [k for k in saved if k.startswith("text_encoder.") and "lora_B" in k]
+    assert len(te_b) == 8 and all(saved[k].abs().max() > 0 for k in te_b)
+    magnitudes = [k for k in saved if k.startswith("text_encoder.") and "lora_magnitude_vector" in k]
+    assert len(magnitudes) == (8 if method == "dora" else 0)
+    ours = SimpleNamespace(unet=UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet").eval(),
+                           text_encoder=CLIPTextModel.from_pretrained(pipe_dir, subfolder="text_encoder").eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # bf16-base: trained on bf16 weights, compared in fp32
+        slimtune.diffusion.load_lora_weights(ours, result.adapter_dir)
+    ids = torch.tensor([[0, 5, 9, 17, 1, 1], [0, 30, 2, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.text_encoder(ids)[0], oracle_text_encoder(pipe_dir, result.adapter_dir,
+                                                                                  method)(ids)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def oracle_text_encoder(pipe_dir, adapter_dir, method):
+    """The text encoder with the file's LoRA as diffusers loads it (``pipe.load_lora_weights``); for DoRA, as
+    PEFT loads it (``inject_adapter_in_model`` + ``set_peft_model_state_dict``, what diffusers does for the
+    UNet): diffusers 0.42's text-encoder path through transformers 5 expects ``lora_magnitude_vector.weight``
+    while PEFT's (and diffusers' DreamBooth script's) saved key is ``lora_magnitude_vector``, so it leaves
+    the magnitudes at their initial values (a LOAD REPORT lists them MISSING)."""
+    if method != "dora":
+        pipe = sd_pipeline(pipe_dir)
+        pipe.load_lora_weights(str(adapter_dir))
+        return pipe.text_encoder
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(pipe_dir, subfolder="text_encoder").eval()
+    # diffusers' files name CLIP's modules under text_model. (transformers 4's layout; 5 has them at the top)
+    state = {k.removeprefix("text_encoder.").removeprefix("text_model."): v for k, v in
+             load_file(str(adapter_dir / "pytorch_lora_weights.safetensors")).items() if k.startswith("text_encoder.")}
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(TE_TARGETS), use_dora=True), te)
+    result = set_peft_model_state_dict(te, state)
+    assert not result.unexpected_keys, result.unexpected_keys  # every tensor of the file found its place
+    return te

@@ -7,7 +7,8 @@ sub-folder per part: ``unet/`` (UNet2DConditionModel), ``text_encoder/`` (CLIPTe
 
 - every caption of the data set is tokenized (padded to the tokenizer's max length, longer ones truncated) and
   encoded by the frozen text encoder: the rows of a ``PromptTable``, so the rest of the run is the UNet-folder
-  run's;
+  run's; with ``train.text_encoder: true`` the captions are only tokenized (a table of token ids) and the
+  encoder, with its LoRA, encodes a batch's rows at every step (``diffusion.run.NoisePrediction``);
 - with a ``vae/``, the images are encoded to latents ``vae.encode(x).latent_dist.sample(g) * scaling_factor``
   with a generator seeded from ``train.seed``; the run trains on those latents and decodes its samples with
   ``vae.decode(z / scaling_factor)``. Caching fixes the VAE's posterior noise draw for the run (the script
@@ -54,14 +55,16 @@ class PipelineLayout:
 
 @dataclass
 class PipelineParts:
-    """What the run trains with: the frozen UNet, the captions' conditioning, the noise scheduler (None: the
-    run's default), the frozen VAE (None: pixel space), and the latents of the images (None without a VAE)."""
+    """What the run trains with: the frozen UNet, the captions' conditioning (or, with ``text_encoder``, their
+    token ids: ``tokenize_captions``), the noise scheduler (None: the run's default), the frozen VAE (None:
+    pixel space), the latents of the images (None without a VAE), and the text encoder when it trains too."""
 
     unet: nn.Module
     prompts: PromptTable
     scheduler: Any
     vae: nn.Module | None
     latents: Tensor | None
+    text_encoder: nn.Module | None = None
 
 
 def is_pipeline_folder(name: str | Path) -> bool:
@@ -142,12 +145,10 @@ def check_vae_fit(root: Path, vae: dict[str, Any], unet: dict[str, Any], resolut
     return resolution // factor
 
 
-@torch.no_grad()
-def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: tuple[str, ...],
-                    log: Callable[[str], None]) -> PromptTable:
-    """One conditioning row per distinct caption (in first-seen order): (n, max_length, hidden) float32, as
-    ``StableDiffusionPipeline.encode_prompt`` computes it (ids padded to ``model_max_length``, truncated
-    beyond it, ``text_encoder(ids)[0]``). A truncated caption is logged once, with the count."""
+def tokenize_captions(tokenizer: Any, captions: tuple[str, ...], log: Callable[[str], None]) -> PromptTable:
+    """One row of token ids per distinct caption (in first-seen order): (n, max_length) int64, as
+    ``StableDiffusionPipeline.encode_prompt`` tokenizes (padded to ``model_max_length``, truncated beyond it).
+    A truncated caption is logged once, with the count."""
     distinct = tuple(dict.fromkeys(captions))
     n_max = tokenizer.model_max_length
     # one token past the limit tells a caption that will be cut (and keeps the tokenizer from warning)
@@ -158,9 +159,26 @@ def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: tuple[str
             f"diffusers does (e.g. {cut[0][:60]!r})")
     ids = tokenizer(list(distinct), padding="max_length", max_length=n_max, truncation=True,
                     return_tensors="pt").input_ids  # (n, max_length)
+    return PromptTable(ids, distinct)
+
+
+def encode_ids(text_encoder: nn.Module, ids: Tensor) -> Tensor:
+    """Token ids (b, max_length) -> conditioning (b, max_length, hidden) in the encoder's dtype, on its device:
+    ``text_encoder(ids)[0]``, the last hidden state, as ``StableDiffusionPipeline.encode_prompt`` (no attention
+    mask: CLIP's pipelines attend to the padding too). Gradients flow when the caller allows them."""
     device = next(text_encoder.parameters()).device
-    rows = [text_encoder(ids[i:i + ENCODE_BATCH].to(device))[0].float().cpu() for i in range(0, len(ids), ENCODE_BATCH)]
-    return PromptTable(torch.cat(rows), distinct)
+    return text_encoder(ids.to(device))[0]
+
+
+@torch.no_grad()
+def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: tuple[str, ...],
+                    log: Callable[[str], None]) -> PromptTable:
+    """One conditioning row per distinct caption (in first-seen order): (n, max_length, hidden) float32, the
+    frozen encoder's ``encode_ids`` of ``tokenize_captions``."""
+    tokens = tokenize_captions(tokenizer, captions, log)
+    ids = tokens.table
+    rows = [encode_ids(text_encoder, ids[i:i + ENCODE_BATCH]).float().cpu() for i in range(0, len(ids), ENCODE_BATCH)]
+    return PromptTable(torch.cat(rows), tokens.captions)
 
 
 @torch.no_grad()
@@ -184,25 +202,29 @@ def decode(vae: nn.Module, latents: Tensor) -> Tensor:
 
 
 def load_pipeline(layout: PipelineLayout, captions: tuple[str, ...], pixels: Tensor, dtype: torch.dtype, seed: int,
-                  log: Callable[[str], None]) -> PipelineParts:
+                  log: Callable[[str], None], keep_text_encoder: bool = False) -> PipelineParts:
     """Load each part with its diffusers / transformers class (local safetensors only), encode the captions and
-    (with a VAE) the images ``pixels`` (n, c, H, W) once; the text encoder is dropped after. Raises
-    ModelLoadError naming the part that does not load."""
+    (with a VAE) the images ``pixels`` (n, c, H, W) once; the text encoder is dropped after. With
+    ``keep_text_encoder`` (it trains too), the captions are only tokenized and the frozen encoder is returned.
+    Raises ModelLoadError naming the part that does not load."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = layout.root
     tokenizer = load_part(CLIPTokenizer, root, "tokenizer")
     text_encoder = load_part(CLIPTextModel, root, "text_encoder", dtype=dtype, use_safetensors=True)
-    prompts = encode_captions(tokenizer, text_encoder, captions, log)
-    del text_encoder  # frozen and used once: free its memory before the UNet trains
+    if keep_text_encoder:  # encoded per batch, through its LoRA (NoisePrediction.conditioning)
+        prompts = tokenize_captions(tokenizer, captions, log)
+    else:
+        prompts = encode_captions(tokenizer, text_encoder, captions, log)
+        text_encoder = None  # frozen and used once: free its memory before the UNet trains
     vae = latents = None
     if layout.vae is not None:
         vae = load_part(AutoencoderKL, root, "vae", torch_dtype=dtype, use_safetensors=True)
         latents = encode_latents(vae, pixels, seed)
     unet = load_part(UNet2DConditionModel, root, "unet", torch_dtype=dtype, use_safetensors=True)
     scheduler = load_part(DDPMScheduler, root, "scheduler") if layout.prediction_type is not None else None
-    return PipelineParts(unet, prompts, scheduler, vae, latents)
+    return PipelineParts(unet, prompts, scheduler, vae, latents, text_encoder)
 
 
 def load_part(cls: Any, root: Path, part: str, **kwargs: Any) -> Any:

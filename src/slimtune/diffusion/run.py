@@ -27,7 +27,8 @@ import slimtune
 from slimtune.diffusion.images import ImageDataError, ImageSet, load_images
 from slimtune.diffusion.memorisation import COPYING, memorisation
 from slimtune.diffusion.objective import noise_prediction_loss
-from slimtune.diffusion.pipeline_folder import (PipelineFitError, PipelineLayout, PipelineParts, decode,
+from slimtune.diffusion.parts import TEXT_ENCODER_ATTENTION, save_lora_weights
+from slimtune.diffusion.pipeline_folder import (PipelineFitError, PipelineLayout, PipelineParts, decode, encode_ids,
                                                 is_pipeline_folder, load_pipeline, read_layout)
 from slimtune.diffusion.sampling import grid_figure, sample
 from slimtune.diffusion.unet_folder import load_unet_folder
@@ -49,15 +50,27 @@ SCORE_SEED = 1234  # fixed noise for the before/after scores, apart from the tra
 class NoisePrediction(nn.Module):
     """What the loop trains: ``forward(pixel_values (b, c, h, w), labels (b,) prompt rows)`` -> ``.loss``, the
     batch's mean noise-prediction loss (``objective.noise_prediction_loss``; noise and timesteps from the
-    global RNG, so a checkpoint's RNG state resumes them exactly). Wraps the UNet, never changes it."""
+    global RNG, so a checkpoint's RNG state resumes them exactly). Wraps the UNet, never changes it.
 
-    def __init__(self, unet: nn.Module, scheduler: Any, prompts: Tensor, snr_gamma: float | None) -> None:
+    ``prompts``: (n, tokens, dim) frozen conditioning, or with ``text_encoder`` (n, tokens) token ids that it
+    encodes per batch, so gradients reach its LoRA; as a submodule, its trainable parameters are the loop's
+    (optimizer, checkpoints, resume) as the UNet's are."""
+
+    def __init__(self, unet: nn.Module, scheduler: Any, prompts: Tensor, snr_gamma: float | None,
+                 text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.unet, self.noise_scheduler, self.snr_gamma = unet, scheduler, snr_gamma
-        self.register_buffer("prompts", prompts, persistent=False)  # (n, tokens, dim), frozen conditioning
+        self.text_encoder = text_encoder
+        self.register_buffer("prompts", prompts, persistent=False)
+
+    def conditioning(self, rows: Tensor) -> Tensor:
+        """The UNet's ``encoder_hidden_states`` (b, tokens, dim) for prompt rows ``rows`` (b,)."""
+        if self.text_encoder is None:
+            return self.prompts[rows]
+        return encode_ids(self.text_encoder, self.prompts[rows])
 
     def forward(self, pixel_values: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Any:
-        states = self.prompts[labels].to(pixel_values.dtype)
+        states = self.conditioning(labels).to(pixel_values.dtype)
         loss = noise_prediction_loss(self.unet, self.noise_scheduler, pixel_values, generator, self.snr_gamma,
                                      encoder_hidden_states=states)
         return SimpleNamespace(loss=loss)
@@ -71,6 +84,10 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
     if world.distributed:
         raise RunError("data.format: images: runs in one process; run `slimtune train` without --nproc")
     layout = None
+    if cfg.train.text_encoder and not is_pipeline_folder(cfg.model.name):
+        raise RunError(f"train.text_encoder=True: model.name={cfg.model.name!r} is a UNet folder, which has no text "
+                       "encoder; use a pipeline folder (model_index.json, text_encoder/) or set train.text_encoder: "
+                       "false")
     try:  # every bad file and setting is found before the model loads
         if is_pipeline_folder(cfg.model.name):
             layout = read_layout(cfg.model.name, cfg.data.resolution, cfg.data.channels, cfg.train.prediction_type)
@@ -85,24 +102,23 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
     log(f"data: {len(images.files)} images {cfg.data.resolution}x{cfg.data.resolution}, "
         f"{len(set(images.captions))} captions" + ("" if parts.vae is None else f", latents {tuple(x.shape[1:])}")
         + f"; UNet: {sum(p.numel() for p in parts.unet.parameters()):,} parameters")
-    model = NoisePrediction(parts.unet, parts.scheduler, parts.prompts.table.to(DTYPES[cfg.model.dtype]),
-                            cfg.train.snr_gamma)
+    table = parts.prompts.table  # token ids stay int64; conditioning rows take the model's dtype
+    model = NoisePrediction(parts.unet, parts.scheduler, table if parts.text_encoder is not None
+                            else table.to(DTYPES[cfg.model.dtype]), cfg.train.snr_gamma, parts.text_encoder)
     before = scores(model, images, x, labels, parts.vae)
-    try:
-        log(str(slimtune.inject(parts.unet, cfg.adapter, ADAPTER)))
-    except ValueError as e:  # a target that matches no module of the UNet
-        raise RunError(f"adapter.target_modules={cfg.adapter.target_modules!r}: {e}") from None
+    inject_adapters(parts, cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)  # every input checked: only now is anything written
     save_run_config(cfg, run_dir / "config.yaml")
     if cfg.train.grad_checkpointing:
         parts.unet.enable_gradient_checkpointing()  # diffusers' own: recompute each block's activations in backward
+        if parts.text_encoder is not None:
+            parts.text_encoder.gradient_checkpointing_enable()  # transformers' own, as diffusers' script does
     total = fit(model, x.to(DTYPES[cfg.model.dtype]), labels, cfg, run_dir, resume, log)
     after = scores(model, images, x, labels, parts.vae, run_dir / "samples.png")
     if after.get("copy_fraction", 0.0) >= COPYING:
         log(f"warning: {after['copy_fraction']:.0%} of the samples copy a training image (nearer to one than "
             "half the training images' own spacing): the LoRA memorises; train fewer steps or on more images")
-    adapter_dir = slimtune.save_adapter(parts.unet, run_dir / "adapter", ADAPTER, format="diffusers")
-    result = RunResult(run_dir, adapter_dir, total, before, after)
+    result = RunResult(run_dir, save_adapters(parts, run_dir / "adapter"), total, before, after)
     write_summary(run_dir, result)
     return result
 
@@ -116,7 +132,8 @@ def load_model(cfg: RunConfig, layout: PipelineLayout | None, images: ImageSet,
 
     dtype = DTYPES[cfg.model.dtype]
     if layout is not None:
-        parts = load_pipeline(layout, images.captions, images.images, dtype, cfg.train.seed, log)
+        parts = load_pipeline(layout, images.captions, images.images, dtype, cfg.train.seed, log,
+                              keep_text_encoder=cfg.train.text_encoder)
     else:
         unet, prompts = load_unet_folder(cfg.model.name, dtype)
         check_fits(unet, cfg)
@@ -124,6 +141,34 @@ def load_model(cfg: RunConfig, layout: PipelineLayout | None, images: ImageSet,
     if parts.scheduler is None:
         parts.scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS, prediction_type=cfg.train.prediction_type)
     return parts
+
+
+def text_encoder_config(adapter: Any) -> Any:
+    """The text encoder's LoRA, as diffusers' ``train_dreambooth_lora.py --train_text_encoder`` makes it: the
+    UNet adapter's method (LoRA or DoRA), r, alpha, dropout and init on CLIP's attention projections
+    (``TEXT_ENCODER_ATTENTION``); the UNet-only choices (target types, patterns, saved modules) are not carried."""
+    return slimtune.LoraConfig(r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout,
+                               target_modules=TEXT_ENCODER_ATTENTION, init=adapter.init, use_rslora=adapter.use_rslora,
+                               use_dora=adapter.use_dora, adapter_dtype=adapter.adapter_dtype)
+
+
+def inject_adapters(parts: PipelineParts, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """``cfg.adapter`` into the UNet and, when it trains, ``text_encoder_config`` into the text encoder. Raises
+    RunError when a target matches no module of the UNet."""
+    try:
+        log(str(slimtune.inject(parts.unet, cfg.adapter, ADAPTER)))
+    except ValueError as e:  # a target that matches no module of the UNet
+        raise RunError(f"adapter.target_modules={cfg.adapter.target_modules!r}: {e}") from None
+    if parts.text_encoder is not None:
+        log("text encoder: " + str(slimtune.inject(parts.text_encoder, text_encoder_config(cfg.adapter), ADAPTER)))
+
+
+def save_adapters(parts: PipelineParts, folder: Path) -> Path:
+    """``folder/pytorch_lora_weights.safetensors`` in diffusers' format: the UNet's LoRA and, when it trained, the
+    text encoder's in the same file (keys ``unet.`` / ``text_encoder.``, as diffusers' DreamBooth script saves)."""
+    if parts.text_encoder is None:
+        return slimtune.save_adapter(parts.unet, folder, ADAPTER, format="diffusers")
+    return save_lora_weights(folder, adapter_name=ADAPTER, unet=parts.unet, text_encoder=parts.text_encoder)
 
 
 def fit(model: NoisePrediction, images: Tensor, labels: Tensor, cfg: RunConfig, run_dir: Path, resume: bool,
@@ -186,7 +231,7 @@ def scores(model: NoisePrediction, data: ImageSet, x: Tensor, labels: Tensor, va
     unet = model.unet
     start = torch.randn((len(rows), *x.shape[1:]), generator=torch.Generator().manual_seed(SCORE_SEED))
     drawn = sample(unet, DDIMScheduler.from_config(model.noise_scheduler.config), start.shape, SAMPLE_STEPS,
-                   latents=start, encoder_hidden_states=model.prompts[rows].to(next(unet.parameters()).dtype))
+                   latents=start, encoder_hidden_states=model.conditioning(rows).to(next(unet.parameters()).dtype))
     drawn = drawn.float() if vae is None else decode(vae, drawn)
     if data.images.shape[0] >= 2:
         m = memorisation(drawn, data.images)

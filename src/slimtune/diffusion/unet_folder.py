@@ -25,7 +25,8 @@ UNET_CLASS = "UNet2DConditionModel"
 
 @dataclass(frozen=True)
 class PromptTable:
-    """table: (n, tokens, dim) conditioning; captions: the caption of each row."""
+    """table: (n, tokens, dim) conditioning, or (n, tokens) int64 token ids when a trained text encoder encodes
+    them per batch (``pipeline_folder.tokenize_captions``); captions: the caption of each row."""
 
     table: Tensor
     captions: tuple[str, ...]

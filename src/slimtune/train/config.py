@@ -88,7 +88,8 @@ TRAIN_FIELDS: dict[str, Checker] = {
     "loraplus_ratio": optional(positive), "seed": integer(0, 2**63 - 1, "must be an integer >= 0"),
     "log_every": positive_int,
     "eval_every": optional(positive_int), "save_every": optional(positive_int), "keep_last": positive_int,
-    "fsdp": boolean, "snr_gamma": optional(positive), "prediction_type": choice(PREDICTION_TYPES)}
+    "fsdp": boolean, "snr_gamma": optional(positive), "prediction_type": choice(PREDICTION_TYPES),
+    "text_encoder": boolean}
 
 
 def train_rules(t: Mapping[str, Any]) -> list[str]:
@@ -209,6 +210,7 @@ class TrainSection:
     fsdp: bool = False  # several processes: shard the frozen base over them (FSDP2); see train/distributed.py
     snr_gamma: float | None = None  # images: Min-SNR loss weighting (5 in the paper); None = plain MSE
     prediction_type: str = "epsilon"  # images: what the UNet predicts (epsilon | v_prediction)
+    text_encoder: bool = False  # images, pipeline folder: also a LoRA on its CLIP text encoder
 
     def __post_init__(self) -> None:
         _settle(self, "train", TRAIN_FIELDS, train_rules)

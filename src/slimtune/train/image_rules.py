@@ -17,7 +17,7 @@ def channels_check(value: Any) -> tuple[Any, str | None]:
 
 
 # read only with data.format: images (slimtune.diffusion.run); other configs may leave them out
-IMAGE_FIELDS = {"data": ("resolution", "channels"), "train": ("snr_gamma", "prediction_type")}
+IMAGE_FIELDS = {"data": ("resolution", "channels"), "train": ("snr_gamma", "prediction_type", "text_encoder")}
 
 
 def image_data_rules(d: Mapping[str, Any]) -> list[str]:
@@ -39,7 +39,7 @@ def image_cross_rules(quantize: str | None, method: str | None, data: Mapping[st
     """data.format: images trains a LoRA or DoRA on a diffusers UNet, one process, written in diffusers' format."""
     if data.get("format") != "images":
         return [f"train.{k}={train[k]!r}: only read with data.format: images; remove it"
-                for k, default in (("snr_gamma", None), ("prediction_type", "epsilon"))
+                for k, default in (("snr_gamma", None), ("prediction_type", "epsilon"), ("text_encoder", False))
                 if k in train and train[k] != default]
     issues = []
     if method not in (None, "lora", "dora"):

@@ -257,3 +257,17 @@ def test_bf16_and_dora_runs_train_and_their_adapter_loads_in_diffusers(unet_dir,
     theirs = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     theirs.load_lora_adapter(str(out / "adapter"), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
     torch.testing.assert_close(unet_outputs(ours), unet_outputs(theirs), atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_init_is_refused_before_anything_loads(unet_dir, image_dir, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    def no_load(*a, **k):
+        raise AssertionError("the UNet loaded before the refusal")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_load)
+    cfg = run_dict(unet_dir, image_dir, tmp_path / "out")
+    cfg["adapter"]["init"] = "pissa"
+    with pytest.raises(RunError, match="adapter.init='pissa': diffusers' LoRA file cannot hold"):
+        train(run_config_from_dict(cfg), log=lambda s: None)
+    assert not (tmp_path / "out").exists()

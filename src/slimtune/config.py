@@ -27,6 +27,8 @@ from slimtune.vocab import MethodNameError, canonical_method
 
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian", "pissa", "olora")
+# inits that split the base weight: the file's A, B are relative to W0 - s B0 A0, not to W0 itself
+PRINCIPAL_INITS = ("pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 # Adapter parameter dtype on a bf16/fp16 base: float32 (PEFT's default; small AdamW updates round away in
 # bf16) or the base's own dtype (half the adapter memory).
@@ -179,6 +181,11 @@ class LoraConfig:
     def rank_for(self, module_name: str) -> int:
         """The rank for one module: the first rank_pattern key matching its name's end, else r."""
         return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    @property
+    def rewrites_base(self) -> bool:
+        """PiSSA / OLoRA: the base weight becomes W0 - s B0 A0, so the update is relative to a rewritten base."""
+        return self.init in PRINCIPAL_INITS
 
     def alpha_for(self, module_name: str) -> float:
         """The alpha for one module: the first alpha_pattern key matching its name's end, else alpha."""

@@ -107,7 +107,7 @@ def _build_adapter(base: nn.Module, name: str, cfg: AdapterConfig) -> nn.Module:
         d_out = base.weight.shape[1] if _is_conv1d_transposed(base) else base.out_features
         return BottleneckAdapter(d_out, cfg.size, cfg.nonlinearity, cfg.dropout, cfg.scale)
     r, alpha = cfg.rank_for(name), cfg.alpha_for(name)
-    if cfg.init in ("pissa", "olora") and not is_linear_like(base):
+    if cfg.rewrites_base and not is_linear_like(base):
         raise TypeError(f"lora.init={cfg.init!r}: supported on linear layers only; {name} is a "
                         f"{type(base).__name__} (exclude it with exclude_modules)")
     if cfg.use_dora:
@@ -338,7 +338,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     adapters = [make_adapter(_base_of(m), n, config) for n, m in targets]  # all checks before any change
     saved_module_names(model, config)
     factors = {}
-    if isinstance(config, LoraConfig) and config.init in ("pissa", "olora"):
+    if isinstance(config, LoraConfig) and config.rewrites_base:
         factors = {n: principal_factors(_base_of(m), config.init, a.r, a.scale, n)
                    for (n, m), a in zip(targets, adapters)}
     with rollback_on_error(model) as log:

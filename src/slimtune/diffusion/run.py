@@ -83,7 +83,7 @@ def train_images(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str
     (the UNet or pipeline folder, a caption without a prompt)."""
     if world.distributed:
         raise RunError("data.format: images: runs in one process; run `slimtune train` without --nproc")
-    if getattr(cfg.adapter, "init", None) in ("pissa", "olora"):  # refused now, not by the file writer after training
+    if getattr(cfg.adapter, "rewrites_base", False):  # refused now, not by the file writer after training
         raise RunError(f"adapter.init={cfg.adapter.init!r}: diffusers' LoRA file cannot hold an update relative to "
                        "a rewritten base weight; use init: kaiming or gaussian with data.format: images")
     layout = None

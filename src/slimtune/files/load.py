@@ -36,8 +36,6 @@ from slimtune.methods.prompt import inject_prompt
 from slimtune.names import suffix_match
 from slimtune.rollback import rollback_on_error
 
-PRINCIPAL_INITS = ("pissa", "olora")
-
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  check_base: bool = True, component: str | None = None) -> Any:
@@ -77,7 +75,7 @@ def _inject_structure(model: nn.Module, config: Any, adapter_name: str, folder: 
     try:
         if isinstance(config, PromptTuningConfig):  # the file holds the trained embeddings: no tokenizing
             return inject_prompt(model, dataclasses.replace(config, init="random"), adapter_name)
-        if isinstance(config, LoraConfig) and config.init in PRINCIPAL_INITS:
+        if isinstance(config, LoraConfig) and config.rewrites_base:
             config = dataclasses.replace(config, init="kaiming")  # W0 is rewritten only after every check
         return inject(model, config, adapter_name)
     except (ValueError, TypeError) as e:
@@ -116,7 +114,7 @@ def _base_weights_in_file(model: nn.Module, adapter_name: str, tensors: dict[str
 
 def _residuals(model: nn.Module, adapter_name: str, config: Any) -> dict[str, Tensor]:
     """For a PiSSA/OLoRA adapter: module name -> W_res in the base weight's dtype and layout. Reads only."""
-    if not (isinstance(config, LoraConfig) and config.init in PRINCIPAL_INITS):
+    if not (isinstance(config, LoraConfig) and config.rewrites_base):
         return {}
     out = {}
     for name, layer in adapted_layers(model):

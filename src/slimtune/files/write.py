@@ -81,7 +81,7 @@ def save_diffusers(path: str | os.PathLike, components: Mapping[str, nn.Module],
             raise ValueError(f"format='diffusers' holds LoRA/DoRA updates only; the {comp}'s adapter "
                              f"{adapter_name!r} is {cfg.method} with bias={getattr(cfg, 'bias', None)!r}, "
                              f"modules_to_save={list(getattr(cfg, 'modules_to_save', ()))}: save it with format='peft'")
-        if cfg.init in ("pissa", "olora"):  # its A, B are relative to a rewritten base diffusers does not have
+        if cfg.rewrites_base:  # its A, B are relative to a rewritten base diffusers does not have
             raise ValueError(f"format='diffusers': the {comp}'s adapter {adapter_name!r} has init={cfg.init!r}, whose "
                              "update is relative to a rewritten base weight; save it with format='peft'")
         own[comp] = {"config": cfg.to_dict(), "fingerprint": model_fingerprint(model, adapter_name).to_json()}

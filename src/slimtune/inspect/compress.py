@@ -123,7 +123,7 @@ def _lora_config(folder: AdapterFolder, path: Any) -> LoraConfig:
     if not isinstance(cfg, LoraConfig):
         raise CompressError(f"{folder.config_path}: a {getattr(cfg, 'method', type(cfg).__name__)} adapter; "
                             "compress truncates LoRA and DoRA updates only")
-    if cfg.init in ("pissa", "olora"):
+    if cfg.rewrites_base:
         raise CompressError(f"{folder.config_path}: init={cfg.init!r}: the saved factors are relative to a base "
                             "rewritten at the adapter's rank, so a lower rank would change the base too; "
                             "merge it instead")

@@ -168,7 +168,7 @@ def refuse_unbatchable(config: object, where: object) -> None:
                              "tuning prepends virtual tokens), so it cannot share a batch with others; LoRA, DoRA "
                              "and bottleneck adapters are served")
     reasons = []
-    if config.init in ("pissa", "olora"):
+    if config.rewrites_base:
         reasons.append(f"init={config.init!r} (the file is relative to a rewritten base weight)")
     if config.modules_to_save:
         reasons.append(f"modules_to_save={list(config.modules_to_save)} (whole modules replaced per adapter)")

@@ -58,8 +58,7 @@ class CompressResult:
     @property
     def energy_kept(self) -> float:
         """The share of sum ||dW||_F^2 over modules the compressed adapter keeps."""
-        total = sum(m.norm ** 2 for m in self.modules)
-        return sum(m.energy_kept * m.norm ** 2 for m in self.modules) / total if total > 0 else 1.0
+        return spectra.pooled_energy([(m.energy_kept, m.norm) for m in self.modules])
 
     def summary(self) -> str:
         worst = max(self.modules, key=lambda m: m.output_error, default=None)

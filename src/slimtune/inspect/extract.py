@@ -54,8 +54,7 @@ class ExtractResult:
     @property
     def energy(self) -> float:
         """Captured share of sum ||dW||_F^2 over the extracted layers."""
-        total = sum(x.norm ** 2 for x in self.layers)
-        return sum(x.energy * x.norm ** 2 for x in self.layers) / total if total > 0 else 1.0
+        return spectra.pooled_energy([(x.energy, x.norm) for x in self.layers])
 
     def summary(self) -> str:
         worst = min(self.layers, key=lambda x: x.energy, default=None)

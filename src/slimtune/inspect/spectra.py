@@ -88,6 +88,13 @@ def energy_kept(S: Tensor, k: int) -> float:
     return float((S[:k].double() ** 2).sum()) / total if total > 0 else 1.0
 
 
+def pooled_energy(parts: list[tuple[float, float]]) -> float:
+    """The share of sum ||dW_i||_F^2 kept over several modules, from each (share kept, ||dW_i||_F); 1.0 when
+    every norm is 0."""
+    total = sum(norm ** 2 for _, norm in parts)
+    return sum(share * norm ** 2 for share, norm in parts) / total if total > 0 else 1.0
+
+
 def balanced_factors(svd: FactoredSVD, k: int, scale: float) -> tuple[Tensor, Tensor]:
     """(A', B') of rank k with scale * B' @ A' = U_k S_k Vh_k, the best rank-k approximation (Eckart-Young).
 

@@ -89,8 +89,8 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = 
     log = log if world.is_main else (lambda line: None)
     run_dir = Path(cfg.output_dir)
     _check_start(cfg, run_dir, resume, world)
-    if cfg.data.format != "images":  # batch_size auto estimates language models (refused for images by the config)
-        cfg = _auto_fit(cfg, run_dir, resume, log, world)  # auto -> numbers, before anything heavy loads
+    cfg = _auto_fit(cfg, run_dir, resume, log, world)  # auto -> numbers, before anything heavy loads (LMs only:
+    # the config refuses batch_size auto with data.format: images, so an image run passes through unchanged)
     seed_everything(cfg.train.seed)
     if cfg.data.format == "images":  # a diffusers UNet on an image folder: the diffusion capability's run
         from slimtune.diffusion.run import train_images
